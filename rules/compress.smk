@@ -1,0 +1,15 @@
+rule compress:
+    input:
+        model=finetuned_model,
+    output:
+        directory("results/models/{model}/{ft}/{variant}"),
+    log:
+        "logs/compress/{model}/{ft}/{variant}.log",
+    benchmark:
+        "logs/benchmark/compress/{model}/{ft}/{variant}.tsv"
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    params:
+        steps=variant_steps,
+    script:
+        "../workflow/scripts/compress.py"

@@ -1,0 +1,18 @@
+rule finetune:
+    input:
+        unpack(finetune_inputs),
+    output:
+        directory("results/finetuned/{model}/{trained}"),
+    log:
+        "logs/finetune/{model}/{trained}.log",
+    benchmark:
+        "logs/benchmark/finetune/{model}/{trained}.tsv"
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    params:
+        settings=finetune_settings,
+        seed=config.get("seed", 0),
+        # Checkpoints live outside the output, so that a killed job's rerun resumes from them.
+        checkpoints="results/checkpoints/{model}/{trained}",
+    script:
+        "../workflow/scripts/finetune.py"

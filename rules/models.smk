@@ -1,0 +1,14 @@
+rule build_model:
+    input:
+        tokenizer_table=tokenizer_table,
+    output:
+        directory("resources/models/{model}"),
+    log:
+        "logs/build_model/{model}.log",
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    params:
+        settings=model_settings,
+        seed=config.get("seed", 0),
+    script:
+        "../workflow/scripts/build_model.py"

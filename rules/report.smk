@@ -1,0 +1,35 @@
+rule tables:
+    input:
+        scores=all_scores,
+        models=all_variant_models,
+    output:
+        scores="results/tables/scores.parquet",
+        summary="results/tables/summary.parquet",
+    log:
+        "logs/tables/tables.log",
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    script:
+        "../workflow/scripts/tables.py"
+
+
+rule plots:
+    input:
+        summary="results/tables/summary.parquet",
+    output:
+        report(
+            "results/plots/quality_vs_size.png",
+            caption="../workflow/report/quality_vs_size.rst",
+            category="Trade-offs",
+        ),
+        report(
+            "results/plots/task_bars.png",
+            caption="../workflow/report/task_bars.rst",
+            category="Quality",
+        ),
+    log:
+        "logs/plots/plots.log",
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    script:
+        "../workflow/scripts/plots.py"

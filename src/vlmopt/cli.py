@@ -1,0 +1,112 @@
+"""``vlmopt <stage> ...``: every pipeline stage runnable by hand, through the same functions as the DAG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vlmopt import __version__, pipeline
+
+__all__ = ["main"]
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmopt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vlmopt {__version__}")
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("prepare-dataset", help="create a dataset's split tables and images")
+    p.add_argument("name")
+    p.add_argument("--settings", type=_json, default={"source": "synthetic"}, help='JSON, e.g. {"source": "synthetic"}')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("build-model", help="build tiny:<family> or fetch a hub id, and save it")
+    p.add_argument("source")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tokenizer-table", type=Path, help="train split whose text trains a tiny model's tokenizer")
+    p.add_argument("--settings", type=_json, default={})
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("finetune", help="full finetuning with checkpoints")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--train-table", type=Path, required=True)
+    p.add_argument("--settings", type=_json, default={})
+    p.add_argument("--checkpoints", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("compress", help="apply compression steps and write manifest.json")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=_json, required=True, help='JSON list, e.g. [{"method": "uniform", "bits": 4}]')
+
+    p = sub.add_parser("infer", help="predict one shard of a dataset split")
+    p.add_argument("model", type=Path)
+    p.add_argument("--table", type=Path, required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--shard", default="1-of-1")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--settings", type=_json, default={})
+
+    p = sub.add_parser("score", help="score predictions on CPU")
+    p.add_argument("predictions", type=Path)
+    p.add_argument("--table", type=Path, required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("plots", help="figures from a summary table")
+    p.add_argument("summary", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.stage == "prepare-dataset":
+        pipeline.prepare_dataset(args.name, args.settings, args.out, seed=args.seed)
+    elif args.stage == "build-model":
+        pipeline.build_model(
+            args.source, args.out, settings=args.settings, tokenizer_table=args.tokenizer_table, seed=args.seed
+        )
+    elif args.stage == "finetune":
+        pipeline.finetune_model(
+            args.model,
+            args.out,
+            settings=args.settings,
+            train_table=args.train_table,
+            dataset_root=args.train_table.parent,
+            checkpoint_dir=args.checkpoints,
+            seed=args.seed,
+        )
+    elif args.stage == "compress":
+        pipeline.compress_model(args.model, args.out, steps=args.steps)
+    elif args.stage == "infer":
+        settings = {"batch_size": 16, "max_new_tokens": 20, "num_beams": 1} | args.settings
+        pipeline.predict_shard(
+            args.model, args.table, args.table.parent, args.out, task=args.task, shard=args.shard, settings=settings
+        )
+    elif args.stage == "score":
+        keys = {"model": "", "ft": "", "variant": "", "task": args.task, "dataset": args.table.parent.name}
+        metrics = pipeline.score_predictions(args.predictions, args.table, args.out, keys=keys, settings={})
+        json.dump(metrics, sys.stdout, indent=2)
+        print()
+    elif args.stage == "plots":
+        for path in pipeline.build_plots(args.summary, args.out):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

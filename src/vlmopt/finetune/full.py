@@ -1,0 +1,180 @@
+"""Full finetuning on a mix of tasks, resumable from its last checkpoint.
+
+Every example of every task in the training split is seen once per epoch, in an order drawn
+from ``seed`` and the epoch number alone, so a run resumed from a checkpoint at step k continues
+with exactly the batches an uninterrupted run would have used. A checkpoint holds the model,
+the optimizer, the step and the RNG state, and is written atomically (temp folder, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from vlmopt.data.images import open_image
+from vlmopt.models.base import LoadedModel
+from vlmopt.models.encoding import pixel_values
+from vlmopt.tasks import get_task
+
+__all__ = ["FullFinetuneConfig", "finetune"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FullFinetuneConfig:
+    """Settings of a full finetuning run; unknown keys are rejected by :meth:`from_dict`."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    tasks: tuple[str, ...] = ("captioning", "vqa")
+    seed: int = 0
+    checkpoint_every: int = 200
+    max_steps: int | None = None
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> FullFinetuneConfig:
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise ValueError(f"unknown finetune setting(s) {unknown}; allowed: {sorted(allowed)}")
+        values = dict(settings)
+        if "tasks" in values:
+            values["tasks"] = tuple(values["tasks"])
+        config = cls(**values)
+        for name in ("epochs", "batch_size", "checkpoint_every"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"finetune setting {name} must be at least 1, got {getattr(config, name)}")
+        if config.lr <= 0:
+            raise ValueError(f"finetune setting lr must be positive, got {config.lr}")
+        for task in config.tasks:
+            get_task(task)
+        return config
+
+
+def _examples(loaded: LoadedModel, df: pd.DataFrame, tasks: tuple[str, ...], epoch: int) -> list[tuple[int, str, str]]:
+    """(row index, prompt, target) for every task and row, for one epoch."""
+    out = []
+    for name in tasks:
+        task = get_task(name)
+        if name not in loaded.adapter.tasks:
+            raise ValueError(f"family {loaded.family!r} cannot be finetuned on task {name!r}")
+        out += list(zip(range(len(df)), task.prompts(df, loaded.adapter), task.targets(df, epoch), strict=True))
+    return out
+
+
+def _save_checkpoint(directory: Path, loaded: LoadedModel, optimizer: torch.optim.Optimizer, step: int) -> None:
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().clone() for k, v in loaded.model.state_dict().items()}
+    save_file(state, tmp / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(directory: Path, loaded: LoadedModel, optimizer: torch.optim.Optimizer) -> int:
+    loaded.model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
+    trainer = torch.load(directory / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    torch.set_rng_state(trainer["rng"])
+    return int(json.loads((directory / "state.json").read_text())["step"])
+
+
+def finetune(
+    loaded: LoadedModel,
+    train: pd.DataFrame,
+    dataset_root: str | Path,
+    config: FullFinetuneConfig,
+    *,
+    checkpoint_dir: str | Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Finetune ``loaded.model`` in place on ``train``; resume from ``checkpoint_dir/last`` if present.
+
+    Returns a summary (steps, seconds, first and last loss) for the run's log and record.
+    """
+    torch.manual_seed(config.seed)
+    model = loaded.model
+    images = [open_image(dataset_root, rel) for rel in train["image"]]
+    # Preprocess every image once; the same tensor serves all epochs.
+    pixel_cache = torch.cat(
+        [pixel_values(loaded.processor, images[s : s + 256], model.dtype) for s in range(0, len(images), 256)]
+    )
+    del images
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    n_examples = len(train) * len(config.tasks)
+    steps_per_epoch = -(-n_examples // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    scheduler_lr = lambda step: config.lr * min(1.0, (step + 1) / 50) * max(0.0, 1 - step / total) + 1e-3 * config.lr  # noqa: E731
+
+    ckpt = Path(checkpoint_dir) / "last"
+    step = 0
+    if ckpt.is_dir():
+        step = _load_checkpoint(ckpt, loaded, optimizer)
+        log.info("resumed finetuning from %s at step %d of %d", ckpt, step, total)
+    model.train()
+    losses: list[float] = []
+    start = time.monotonic()
+    bar = tqdm(total=total, initial=step, desc="finetune", disable=not progress, unit="step")
+    epoch_cache: dict[int, tuple[list, torch.Tensor]] = {}
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+            epoch_cache[epoch] = (_examples(loaded, train, config.tasks, epoch), order)
+        examples, order = epoch_cache[epoch]
+        idx = order[within * config.batch_size : (within + 1) * config.batch_size].tolist()
+        batch = [examples[i] for i in idx]
+        encoded = loaded.adapter.encode(loaded, None, [p for _, p, _ in batch], [t for _, _, t in batch])
+        encoded.inputs["pixel_values"] = pixel_cache[[r for r, _, _ in batch]]
+        for group in optimizer.param_groups:
+            group["lr"] = scheduler_lr(step)
+        loss = model(**encoded.inputs).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        losses.append(float(loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step % config.checkpoint_every == 0 and step < total:
+            _save_checkpoint(ckpt, loaded, optimizer, step)
+    bar.close()
+    model.eval()
+    return {
+        "config": asdict(config),
+        "steps": total,
+        "resumed_from_step": total - len(losses),
+        "seconds": round(time.monotonic() - start, 2),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
+    }

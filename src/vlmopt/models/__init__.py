@@ -1,0 +1,98 @@
+"""Model families: one adapter per family, and one loader for hub ids, local folders and tiny models.
+
+``load_model("tiny:blip")`` builds a random-init tiny model (with a tokenizer trained offline),
+``load_model("Salesforce/blip2-opt-2.7b")`` reads a hub checkpoint, and ``load_model(folder)``
+reads anything saved with :meth:`LoadedModel.save`; all three return the same handle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmopt.models.base import PARTS, Encoded, FamilyAdapter, LoadedModel
+from vlmopt.models.blip import BlipAdapter
+from vlmopt.models.blip2 import Blip2OptAdapter
+
+__all__ = [
+    "FAMILIES",
+    "PARTS",
+    "Encoded",
+    "FamilyAdapter",
+    "LoadedModel",
+    "family_of_config",
+    "get_family",
+    "load_model",
+]
+
+#: Family name -> adapter.
+FAMILIES: dict[str, FamilyAdapter] = {a.name: a for a in (BlipAdapter(), Blip2OptAdapter())}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_TINY_TEXTS = (
+    "a picture of one red circle on the left",
+    "Question: what color are the shapes? Short answer: red",
+)
+
+
+def get_family(name: str) -> FamilyAdapter:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known families: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_config(config: Any) -> str:
+    """Family name of a transformers config (``model_type``, and the language model for BLIP-2)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "blip":
+        return "blip"
+    if model_type == "blip-2":
+        text_type = getattr(config.text_config, "model_type", "")
+        if text_type == "opt":
+            return "blip2-opt"
+        raise ValueError(f"BLIP-2 with a {text_type!r} language model is not supported yet (supported: opt)")
+    raise ValueError(f"model_type {model_type!r} is not a supported family; supported: {sorted(FAMILIES)}")
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype: str | None = None,
+    texts: list[str] | None = None,
+    seed: int = 0,
+    image_size: int = 64,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model from ``tiny:<family>``, a local folder, or a hub id.
+
+    ``texts`` trains the tiny model's tokenizer (the dataset's captions and questions); ``dtype``
+    is one of float32, float16, bfloat16 (default: the checkpoint's own).
+    """
+    source = str(source)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if source.startswith("tiny:"):
+        family = get_family(source.removeprefix("tiny:"))
+        loaded = family.tiny(list(texts or DEFAULT_TINY_TEXTS), seed=seed, image_size=image_size)
+        if dtype is not None:
+            loaded.model.to(DTYPES[dtype])
+        return loaded
+    from transformers import AutoConfig
+
+    path = Path(source)
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} exists but holds no config.json: not a saved model folder")
+    marker = path / "vlmopt.json"
+    if marker.is_file():
+        family = get_family(json.loads(marker.read_text())["family"])
+    else:
+        family = get_family(family_of_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)))
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = DTYPES[dtype]
+    loaded = family.from_pretrained(source, **kwargs)
+    loaded.source = source
+    return loaded

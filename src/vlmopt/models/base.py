@@ -1,0 +1,88 @@
+"""The family adapter interface and the loaded-model handle shared by every stage."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["PARTS", "Encoded", "FamilyAdapter", "LoadedModel"]
+
+#: Model parts in pipeline order; a family may leave any of them empty.
+PARTS = ("vision", "bridge", "language")
+
+
+@dataclass
+class Encoded:
+    """Model inputs for one batch, and where the prompt ends in ``input_ids``."""
+
+    inputs: dict[str, torch.Tensor]
+    prompt_length: int
+
+
+class FamilyAdapter:
+    """Everything family-specific: building, parts, prompts, encoding and generation.
+
+    Compressors, finetuning and inference talk to models only through this interface, so adding
+    a family is one module and one registry entry.
+    """
+
+    name: str = ""
+    tasks: tuple[str, ...] = ()
+    #: Prompt templates per task; ``{question}`` is filled in for VQA.
+    prompts: dict[str, str] = {}
+
+    def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
+        raise NotImplementedError
+
+    def from_pretrained(self, source: str, **kwargs: Any) -> LoadedModel:
+        raise NotImplementedError
+
+    def parts(self, model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+        """Ordered transformer layers of each part as (dotted name, module)."""
+        raise NotImplementedError
+
+    def prompt(self, task: str, question: str | None = None) -> str:
+        if task not in self.prompts:
+            raise ValueError(f"family {self.name!r} cannot run task {task!r}; it supports {sorted(self.prompts)}")
+        return self.prompts[task].format(question=question or "")
+
+    def encode(
+        self, loaded: LoadedModel, images: list | None, prompts: list[str], targets: list[str] | None = None
+    ) -> Encoded:
+        """Token ids (and labels when ``targets`` are given) plus ``pixel_values`` unless ``images`` is None."""
+        raise NotImplementedError
+
+    def generate(self, loaded: LoadedModel, encoded: Encoded, **generate_kwargs: Any) -> list[str]:
+        raise NotImplementedError
+
+
+@dataclass
+class LoadedModel:
+    """A model, its processor and its family adapter, as returned by ``load_model``."""
+
+    model: nn.Module
+    processor: Any
+    family: str
+    adapter: FamilyAdapter = field(repr=False)
+    source: str = ""
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def parts(self) -> dict[str, list[tuple[str, nn.Module]]]:
+        return self.adapter.parts(self.model)
+
+    def save(self, path: str | Path) -> Path:
+        """Save model (safetensors), processor and a ``vlmopt.json`` naming the family."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.processor.save_pretrained(path)
+        (path / "vlmopt.json").write_text(json.dumps({"family": self.family, "source": self.source}, indent=2))
+        return path

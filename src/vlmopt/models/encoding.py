@@ -1,0 +1,40 @@
+"""Small encoding helpers shared by family adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["pad_right", "pixel_values", "text_ids"]
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (an empty string gives no ids)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def pad_right(
+    sequences: list[list[int]], labels: list[list[int]] | None, *, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad id lists into ``input_ids``/``attention_mask`` (and ``labels`` with -100)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        lab = torch.full((len(sequences), width), -100, dtype=torch.long)
+        for i, s in enumerate(labels):
+            lab[i, : len(s)] = torch.tensor(s)
+        out["labels"] = lab
+    return out
+
+
+def pixel_values(processor: Any, images: list, dtype: torch.dtype) -> torch.Tensor:
+    """Preprocess PIL images (or arrays) into a float tensor of the model's dtype."""
+    images = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else im for im in images]
+    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"].to(dtype)

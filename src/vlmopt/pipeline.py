@@ -1,0 +1,281 @@
+"""Stage functions: one call per pipeline stage, shared by the Snakemake scripts and the CLI.
+
+Each function takes paths and plain settings (what a rule passes through ``params:``), does one
+stage's work through the library, and writes its outputs atomically where they are single files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from vlmopt.tables import read_predictions, score_rows, summarise, write_parquet, write_predictions
+
+__all__ = [
+    "build_model",
+    "build_plots",
+    "build_tables",
+    "compress_model",
+    "finetune_model",
+    "gather_predictions",
+    "load_variant",
+    "predict_shard",
+    "prepare_dataset",
+    "score_predictions",
+    "start_job",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def prepare_dataset(name: str, settings: dict[str, Any], out_dir: str | Path, *, seed: int = 0) -> None:
+    """Create dataset ``name`` under ``out_dir`` as ``{split}.parquet`` tables and an ``images/`` folder."""
+    from vlmopt.data import make_shapes
+
+    source = settings.get("source")
+    if source != "synthetic":
+        raise ValueError(f"dataset {name!r}: source {source!r} is not supported yet (supported: synthetic)")
+    options = {k: settings[k] for k in ("n_train", "n_val", "n_test", "image_size") if k in settings}
+    make_shapes(out_dir, seed=seed, **options)
+
+
+def build_model(
+    source: str, out_dir: str | Path, *, settings: dict[str, Any], tokenizer_table: str | Path | None, seed: int = 0
+) -> None:
+    """Build (``tiny:<family>``) or fetch a model and save it to ``out_dir`` with its processor."""
+    from vlmopt.data import dataset_texts
+    from vlmopt.models import load_model
+
+    texts = dataset_texts(pd.read_parquet(tokenizer_table)) if tokenizer_table else None
+    loaded = load_model(
+        source,
+        dtype=settings.get("dtype"),
+        texts=texts,
+        seed=seed,
+        image_size=settings.get("image_size", 64),
+        trust_remote_code=settings.get("trust_remote_code", False),
+    )
+    loaded.save(out_dir)
+    log.info("saved %s (%s, %d parameters) to %s", source, loaded.family, loaded.model.num_parameters(), out_dir)
+
+
+def finetune_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    settings: dict[str, Any],
+    train_table: str | Path,
+    dataset_root: str | Path,
+    checkpoint_dir: str | Path,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Full finetuning of the model in ``model_dir``; resumes from ``checkpoint_dir`` after a kill."""
+    from vlmopt.finetune import FullFinetuneConfig, finetune
+    from vlmopt.models import load_model
+
+    options = {k: v for k, v in settings.items() if k not in ("method", "dataset")}
+    options.setdefault("seed", seed)
+    config = FullFinetuneConfig.from_dict(options)
+    loaded = load_model(model_dir)
+    summary = finetune(loaded, pd.read_parquet(train_table), dataset_root, config, checkpoint_dir=checkpoint_dir)
+    loaded.save(out_dir)
+    (Path(out_dir) / "finetune.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("finetuned %s in %.0f s, loss %.3f -> %.3f", model_dir, summary["seconds"], summary["first_loss"], summary["last_loss"])
+    return summary
+
+
+def compress_model(model_dir: str | Path, out_dir: str | Path, *, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Apply a variant's compression steps and save the model with its ``manifest.json``."""
+    from vlmopt.compress import apply_variant, serialized_size, write_manifest
+    from vlmopt.models import load_model
+    from vlmopt.tables import config_hash
+
+    loaded = load_model(model_dir)
+    manifest = apply_variant(loaded.model, loaded.parts(), steps)
+    size = serialized_size(loaded.model)
+    # Runtime steps (dynamic int8) are re-applied at load time: save the float weights they start from.
+    if manifest.get("runtime_steps"):
+        loaded = load_model(model_dir)
+        apply_variant(loaded.model, loaded.parts(), [s for s in steps if s["method"] not in _runtime_methods()])
+    out_dir = Path(out_dir)
+    loaded.save(out_dir)
+    write_manifest(
+        out_dir / "manifest.json",
+        manifest,
+        serialized_size_bytes=size,
+        inputs_hash=config_hash({"model": _folder_digest(model_dir), "steps": steps}),
+    )
+    return manifest
+
+
+def _runtime_methods() -> set[str]:
+    from vlmopt.compress import RUNTIME_METHODS
+
+    return set(RUNTIME_METHODS)
+
+
+def _folder_digest(folder: str | Path) -> str:
+    """Hash of a saved model's weights and config files (what a variant was computed from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*")):
+        if path.is_file() and path.suffix in (".safetensors", ".json"):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_variant(model_dir: str | Path, *, dtype: str | None = None):
+    """Load a compressed model folder, re-applying its runtime steps (dynamic int8) from the manifest."""
+    from vlmopt.compress import apply_runtime_steps
+    from vlmopt.models import load_model
+
+    loaded = load_model(model_dir, dtype=dtype)
+    manifest_path = Path(model_dir) / "manifest.json"
+    if manifest_path.is_file():
+        apply_runtime_steps(loaded.model, loaded.parts(), json.loads(manifest_path.read_text()))
+    return loaded
+
+
+def _parse_scatteritem(item: str) -> tuple[int, int]:
+    """'2-of-3' -> (1, 3): 0-based shard and shard count."""
+    try:
+        i, n = item.split("-of-")
+        shard, n_shards = int(i) - 1, int(n)
+    except ValueError as exc:
+        raise ValueError(f"shard name {item!r} is not of the form '<i>-of-<n>'") from exc
+    return shard, n_shards
+
+
+def predict_shard(
+    model_dir: str | Path,
+    table: str | Path,
+    dataset_root: str | Path,
+    out: str | Path,
+    *,
+    task: str,
+    shard: str,
+    settings: dict[str, Any],
+) -> None:
+    """Predict one shard (``'i-of-n'``) of a dataset split for ``task`` and write it as Parquet."""
+    from vlmopt.infer import generation_settings, predict
+
+    shard_index, n_shards = _parse_scatteritem(shard)
+    loaded = load_variant(model_dir)
+    gen = generation_settings(max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"])
+    df = predict(
+        loaded,
+        pd.read_parquet(table),
+        dataset_root,
+        task,
+        batch_size=settings["batch_size"],
+        generate_kwargs=gen,
+        shard=shard_index,
+        n_shards=n_shards,
+        max_error_fraction=settings.get("max_error_fraction", 0.05),
+    )
+    meta = {"generation": gen, "task": task, "family": loaded.family, "prompt": loaded.adapter.prompts[task]}
+    write_predictions(df, out, meta)
+
+
+def gather_predictions(shards: Iterable[str | Path], table: str | Path, out: str | Path) -> None:
+    """Merge shard predictions in dataset order, refusing duplicates and gaps."""
+    from vlmopt.infer import merge_shards
+
+    frames, meta = [], {}
+    for path in shards:
+        df, meta = read_predictions(path)
+        frames.append(df)
+    write_predictions(merge_shards(frames, pd.read_parquet(table, columns=["sample_id"])), out, meta)
+
+
+def score_predictions(
+    predictions: str | Path, table: str | Path, out: str | Path, *, keys: dict[str, str], settings: Any
+) -> dict[str, float]:
+    """Score predictions against the dataset split on CPU and write long-format score rows."""
+    from vlmopt.metrics import caption_scores, vqa_accuracy
+
+    preds, _ = read_predictions(predictions)
+    data = pd.read_parquet(table)
+    if set(preds["sample_id"]) != set(data["sample_id"]):
+        raise ValueError(f"{predictions} does not cover exactly the samples of {table}")
+    data = data.set_index("sample_id").loc[preds["sample_id"]]
+    pred = dict(zip(preds["sample_id"], preds["prediction"].fillna(""), strict=True))
+    task = keys["task"]
+    if task == "captioning":
+        refs = {sid: list(r) for sid, r in zip(data.index, data["references"], strict=True)}
+        metrics = caption_scores(pred, refs)
+    elif task == "vqa":
+        answers = {sid: list(a) for sid, a in zip(data.index, data["answers"], strict=True)}
+        types = dict(zip(data.index, data["answer_type"], strict=True))
+        result = vqa_accuracy(pred, answers, types)
+        metrics = {"vqa_accuracy": result["overall"]}
+        metrics.update({f"vqa_accuracy/{t}": v for t, v in result["per_answer_type"].items()})
+    else:
+        raise ValueError(f"no scorer for task {task!r}")
+    n_failed = int(preds["error"].notna().sum())
+    write_parquet(score_rows(keys, metrics, n_samples=len(preds), n_failed=n_failed, settings=settings), out)
+    return metrics
+
+
+def build_tables(score_files: Iterable[str | Path], model_dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFrame:
+    """Concatenate scores into ``scores.parquet`` and write ``summary.parquet`` (metrics as columns, sizes)."""
+    out_dir = Path(out_dir)
+    scores = pd.concat([pd.read_parquet(p) for p in score_files], ignore_index=True)
+    write_parquet(pa.Table.from_pandas(scores, preserve_index=False), out_dir / "scores.parquet")
+    sizes = []
+    for folder in model_dirs:
+        folder = Path(folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        model, ft, variant = folder.parts[-3:]
+        sizes.append({"model": model, "ft": ft, "variant": variant, **_size_columns(manifest)})
+    summary = summarise(scores, sizes)
+    write_parquet(pa.Table.from_pandas(summary, preserve_index=False), out_dir / "summary.parquet")
+    return summary
+
+
+def _size_columns(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "size_bytes": manifest.get("serialized_size_bytes"),
+        "nominal_size_bytes": manifest.get("nominal_size_bytes"),
+        "nominal_bits": manifest.get("nominal_bits"),
+        "simulated": manifest.get("simulated"),
+    }
+
+
+def build_plots(summary: str | Path, out_dir: str | Path) -> list[Path]:
+    """The default study's figures (PNG) from ``summary.parquet``."""
+    from vlmopt.plots import quality_vs_size, task_bars
+
+    df = pd.read_parquet(summary)
+    out_dir = Path(out_dir)
+    return [quality_vs_size(df, out_dir / "quality_vs_size.png"), task_bars(df, out_dir / "task_bars.png")]
+
+
+
+
+def start_job(log_path: str | Path, threads: int = 1) -> None:
+    """Send stderr and logging to the job's log file and bound torch's threads to the job's share."""
+    import os
+    import sys
+
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+    except ImportError:
+        pass

@@ -1,0 +1,91 @@
+"""Quality-versus-size scatter and per-task bar charts of a study's summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["MAIN_METRIC", "quality_vs_size", "task_bars"]
+
+#: The headline metric of each task, with its axis label.
+MAIN_METRIC = {"captioning": ("CIDEr", "CIDEr"), "vqa": ("vqa_accuracy", "VQA accuracy (%)")}
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies.
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def _tasks(df: pd.DataFrame) -> list[str]:
+    return [t for t in MAIN_METRIC if t in set(df["task"]) and MAIN_METRIC[t][0] in df.columns]
+
+
+def _save(fig: plt.Figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def quality_vs_size(summary: pd.DataFrame, out: str | Path) -> Path:
+    """One panel per task: headline metric against serialized model size, a colour per variant."""
+    tasks = _tasks(summary)
+    if not tasks:
+        raise ValueError("summary has no task with a headline metric to plot")
+    variants = sorted(summary["variant"].unique())
+    colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)}
+    models = sorted(summary["model"].unique())
+    marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        metric, label = MAIN_METRIC[task]
+        rows = summary[summary["task"] == task]
+        for _, r in rows.iterrows():
+            filled = r["ft"] != "none"
+            ax.scatter(
+                r["size_bytes"] / 1e6,
+                r[metric],
+                color=colour[r["variant"]] if filled else "none",
+                edgecolors=colour[r["variant"]],
+                marker=marker[r["model"]],
+                s=60,
+                linewidths=1.5,
+            )
+        ax.set_xlabel("serialized size (MB)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{task}: quality vs size")
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colour[v], marker="o", linestyle="", label=v) for v in variants]
+    handles += [plt.Line2D([], [], color="gray", marker=marker[m], linestyle="", label=m) for m in models]
+    handles += [plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="", label="not finetuned")]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return _save(fig, out)
+
+
+def task_bars(summary: pd.DataFrame, out: str | Path) -> Path:
+    """One panel per task: headline metric of every model × finetune × variant as horizontal bars."""
+    tasks = _tasks(summary)
+    if not tasks:
+        raise ValueError("summary has no task with a headline metric to plot")
+    variants = sorted(summary["variant"].unique())
+    colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)}
+    n = summary.groupby("task").size().max()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 0.35 * n + 1.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        metric, label = MAIN_METRIC[task]
+        rows = summary[summary["task"] == task].sort_values(["model", "ft", "variant"])
+        names = [f"{r.model} / {r.ft} / {r.variant}" for r in rows.itertuples()]
+        ax.barh(range(len(rows)), rows[metric], color=[colour[v] for v in rows["variant"]])
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.set_title(task)
+        ax.grid(axis="x", alpha=0.3)
+    return _save(fig, out)

@@ -1,0 +1,145 @@
+"""Result tables: predictions, long-format scores with provenance, and the per-variant summary.
+
+Every table is written atomically (temp file, then rename) so a killed job never leaves a file
+that a rerun would trust, and validated against its schema on write.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import vlmopt
+
+__all__ = [
+    "KEYS",
+    "SCORES_SCHEMA",
+    "config_hash",
+    "provenance",
+    "read_predictions",
+    "score_rows",
+    "summarise",
+    "write_parquet",
+    "write_predictions",
+]
+
+#: Columns that identify one evaluated configuration.
+KEYS = ("model", "ft", "variant", "task", "dataset")
+
+PREDICTIONS_SCHEMA = pa.schema([("sample_id", pa.string()), ("prediction", pa.string()), ("error", pa.string())])
+SCORES_SCHEMA = pa.schema(
+    [(k, pa.string()) for k in KEYS]
+    + [
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("n_samples", pa.int64()),
+        ("n_failed", pa.int64()),
+        ("git_sha", pa.string()),
+        ("config_hash", pa.string()),
+        ("vlmopt_version", pa.string()),
+        ("torch_version", pa.string()),
+        ("transformers_version", pa.string()),
+        ("created_at", pa.string()),
+    ]
+)
+
+
+def write_parquet(table: pa.Table, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``table`` to ``path`` atomically, with ``metadata`` as JSON key-value metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if metadata:
+        existing = dict(table.schema.metadata or {})
+        existing.update({k.encode(): json.dumps(v, sort_keys=True).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(existing)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_predictions(df: pd.DataFrame, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write predictions (``sample_id``, ``prediction``, ``error``) with the generation settings as metadata."""
+    table = pa.Table.from_pandas(df[["sample_id", "prediction", "error"]], schema=PREDICTIONS_SCHEMA, preserve_index=False)
+    return write_parquet(table, path, metadata)
+
+
+def read_predictions(path: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Predictions and their metadata (generation settings, model, variant ...)."""
+    table = pq.read_table(path)
+    meta = {k.decode(): json.loads(v) for k, v in (table.schema.metadata or {}).items() if k != b"pandas"}
+    return table.to_pandas(), meta
+
+
+def config_hash(settings: Any) -> str:
+    """Short stable hash of JSON-serialisable settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def provenance(settings: Any) -> dict[str, Any]:
+    """Provenance columns of a score row: code version, library versions, settings hash, time."""
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "git_sha": _git_sha(),
+        "config_hash": config_hash(settings),
+        "vlmopt_version": vlmopt.__version__,
+        "torch_version": version("torch"),
+        "transformers_version": version("transformers"),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def score_rows(
+    keys: dict[str, str], metrics: dict[str, float], *, n_samples: int, n_failed: int, settings: Any
+) -> pa.Table:
+    """Long-format score rows (one per metric) for one configuration, with provenance."""
+    missing = [k for k in KEYS if k not in keys]
+    if missing:
+        raise ValueError(f"score keys missing {missing}")
+    prov = provenance(settings)
+    rows = [
+        {**{k: keys[k] for k in KEYS}, "metric": m, "value": float(v), "n_samples": n_samples, "n_failed": n_failed, **prov}
+        for m, v in metrics.items()
+    ]
+    return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
+
+
+def summarise(scores: pd.DataFrame, manifests: Iterable[dict[str, Any]] = ()) -> pd.DataFrame:
+    """One row per (model, ft, variant, task, dataset) with metrics as columns, plus sizes from manifests."""
+    wide = scores.pivot_table(index=list(KEYS), columns="metric", values="value", aggfunc="first").reset_index()
+    wide.columns.name = None
+    sizes = pd.DataFrame(list(manifests))
+    if not sizes.empty:
+        wide = wide.merge(sizes, on=["model", "ft", "variant"], how="left")
+    return wide.sort_values(list(KEYS)).reset_index(drop=True)

@@ -1,0 +1,36 @@
+"""Shared fixtures: a small shapes dataset and tiny models built from it, once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    from vlmopt.data import make_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(root, seed=0, n_train=64, n_val=8, n_test=24, image_size=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_test(shapes_root) -> pd.DataFrame:
+    return pd.read_parquet(shapes_root / "test.parquet")
+
+
+@pytest.fixture(scope="session")
+def shapes_train(shapes_root) -> pd.DataFrame:
+    return pd.read_parquet(shapes_root / "train.parquet")
+
+
+@pytest.fixture(scope="session")
+def shapes_texts(shapes_train) -> list[str]:
+    from vlmopt.data import dataset_texts
+
+    return dataset_texts(shapes_train)
