@@ -19,7 +19,7 @@ def briefly_trained(request, shapes_texts, shapes_train, shapes_root, tmp_path_f
     from vlmopt.finetune import FullFinetuneConfig, finetune
 
     loaded = load_model(f"tiny:{request.param}", texts=shapes_texts, seed=1)
-    config = FullFinetuneConfig(epochs=1, batch_size=8, lr=3e-3, max_steps=16)
+    config = FullFinetuneConfig(epochs=10, batch_size=8, lr=3e-3, max_steps=80)
     finetune(loaded, shapes_train, shapes_root, config, checkpoint_dir=tmp_path_factory.mktemp("ck"), progress=False)
     return loaded
 

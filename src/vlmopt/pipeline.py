@@ -95,33 +95,27 @@ def finetune_model(
 
 
 def compress_model(model_dir: str | Path, out_dir: str | Path, *, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Apply a variant's compression steps and save the model with its ``manifest.json``."""
-    from vlmopt.compress import apply_variant, serialized_size, write_manifest
+    """Apply a variant's compression steps and save the model with its ``manifest.json``.
+
+    Runtime steps (dynamic int8) do not survive safetensors: the folder holds the weights they
+    start from, the manifest records them, and :func:`load_variant` re-applies them.
+    """
+    from vlmopt.compress import apply_runtime_steps, apply_variant, serialized_size, write_manifest
     from vlmopt.models import load_model
     from vlmopt.tables import config_hash
 
     loaded = load_model(model_dir)
-    manifest = apply_variant(loaded.model, loaded.parts(), steps)
-    size = serialized_size(loaded.model)
-    # Runtime steps (dynamic int8) are re-applied at load time: save the float weights they start from.
-    if manifest.get("runtime_steps"):
-        loaded = load_model(model_dir)
-        apply_variant(loaded.model, loaded.parts(), [s for s in steps if s["method"] not in _runtime_methods()])
+    manifest = apply_variant(loaded.model, loaded.parts(), steps, defer_runtime=True)
     out_dir = Path(out_dir)
     loaded.save(out_dir)
+    apply_runtime_steps(loaded.model, loaded.parts(), manifest)
     write_manifest(
         out_dir / "manifest.json",
         manifest,
-        serialized_size_bytes=size,
+        serialized_size_bytes=serialized_size(loaded.model),
         inputs_hash=config_hash({"model": _folder_digest(model_dir), "steps": steps}),
     )
     return manifest
-
-
-def _runtime_methods() -> set[str]:
-    from vlmopt.compress import RUNTIME_METHODS
-
-    return set(RUNTIME_METHODS)
 
 
 def _folder_digest(folder: str | Path) -> str:
@@ -249,7 +243,8 @@ def _size_columns(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "size_bytes": manifest.get("serialized_size_bytes"),
         "nominal_size_bytes": manifest.get("nominal_size_bytes"),
-        "nominal_bits": manifest.get("nominal_bits"),
+        "nominal_bits": manifest.get("nominal_bits_per_parameter"),
+        "representation": manifest.get("representation"),
         "simulated": manifest.get("simulated"),
     }
 

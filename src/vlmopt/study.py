@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Evaluation", "StudyError", "check_study", "evaluations"]
+__all__ = ["Evaluation", "StudyError", "check_study", "check_variant_steps", "evaluations"]
 
 
 class StudyError(ValueError):
@@ -74,3 +74,16 @@ def check_study(config: dict[str, Any]) -> None:
                 raise StudyError(f"runs[{i}].tasks.{task}: {dataset!r} is not a dataset; defined: {sorted(datasets)}")
     if not evaluations(config):
         raise StudyError("runs: the study evaluates nothing")
+    check_variant_steps(config)
+
+
+def check_variant_steps(config: dict[str, Any]) -> None:
+    """Validate every variant step's settings with its method's config (unknown keys, bad values)."""
+    from vlmopt.compress import parse_step
+
+    for slug, steps in (config.get("variants") or {}).items():
+        for i, step in enumerate(steps):
+            try:
+                parse_step(step)
+            except (ValueError, TypeError) as exc:
+                raise StudyError(f"variants.{slug}[{i}]: {exc}") from exc

@@ -43,6 +43,7 @@ class FullFinetuneConfig:
     tasks: tuple[str, ...] = ("captioning", "vqa")
     seed: int = 0
     checkpoint_every: int = 200
+    warmup_steps: int = 50
     max_steps: int | None = None
 
     @classmethod
@@ -55,7 +56,7 @@ class FullFinetuneConfig:
         if "tasks" in values:
             values["tasks"] = tuple(values["tasks"])
         config = cls(**values)
-        for name in ("epochs", "batch_size", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "checkpoint_every", "warmup_steps"):
             if getattr(config, name) < 1:
                 raise ValueError(f"finetune setting {name} must be at least 1, got {getattr(config, name)}")
         if config.lr <= 0:
@@ -132,7 +133,11 @@ def finetune(
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
-    scheduler_lr = lambda step: config.lr * min(1.0, (step + 1) / 50) * max(0.0, 1 - step / total) + 1e-3 * config.lr  # noqa: E731
+    # Linear warm-up (at most a tenth of the run), then linear decay to a small floor.
+    warmup = max(1, min(config.warmup_steps, total // 10))
+
+    def scheduler_lr(step: int) -> float:
+        return config.lr * min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / total) + 1e-3 * config.lr
 
     ckpt = Path(checkpoint_dir) / "last"
     step = 0
@@ -163,7 +168,7 @@ def finetune(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % config.checkpoint_every == 0 and step < total:

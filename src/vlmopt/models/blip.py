@@ -29,6 +29,8 @@ __all__ = ["BlipAdapter"]
 class BlipAdapter(FamilyAdapter):
     name = "blip"
     tasks = ("captioning", "vqa")
+    #: Patch side of the tiny model's vision encoder, in pixels.
+    tiny_patch_size = 8
     prompts = {"captioning": "", "vqa": "question: {question} answer:"}
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
@@ -39,7 +41,9 @@ class BlipAdapter(FamilyAdapter):
             num_hidden_layers=3,
             num_attention_heads=2,
             image_size=image_size,
-            patch_size=8,
+            patch_size=self.tiny_patch_size,
+            # The vision config's default initializer range (1e-10) leaves a random ViT inert.
+            initializer_range=0.02,
         )
         text = BlipTextConfig(
             vocab_size=len(tokenizer),

@@ -33,6 +33,8 @@ NUM_QUERY_TOKENS_TINY = 8
 class Blip2OptAdapter(FamilyAdapter):
     name = "blip2-opt"
     tasks = ("captioning", "vqa")
+    #: Patch side of the tiny model's vision encoder, in pixels.
+    tiny_patch_size = 8
     # The published BLIP-2 zero-shot VQA prompt.
     prompts = {"captioning": "", "vqa": "Question: {question} Short answer:"}
 
@@ -45,7 +47,9 @@ class Blip2OptAdapter(FamilyAdapter):
             num_hidden_layers=3,
             num_attention_heads=2,
             image_size=image_size,
-            patch_size=8,
+            patch_size=self.tiny_patch_size,
+            # The vision config's default initializer range (1e-10) leaves a random ViT inert.
+            initializer_range=0.02,
         )
         qformer = Blip2QFormerConfig(
             hidden_size=32,

@@ -1,0 +1,153 @@
+"""Round-to-nearest affine quantization of weight tensors, as pure tensor functions.
+
+Nothing here knows about models: each function takes a tensor and a :class:`QuantSpec` and
+returns tensors, so the math is tested on plain tensors. Scales are chosen by min-max per block:
+
+- ``per_tensor``: one block for the whole tensor;
+- ``per_channel``: one block per output row (dimension 0);
+- ``group``: blocks of ``group_size`` consecutive input columns within each row. A row whose
+  length is not a multiple of ``group_size`` gets a shorter last group (padded with zeros, which
+  never changes that group's range, see below).
+
+Asymmetric (the default) uses integers ``[0, 2^bits - 1]`` and an integer zero point, with the
+range widened to contain 0 so that 0 is exactly representable (as PyTorch observers and GPTQ
+do). Symmetric uses ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]`` with zero point 0, i.e.
+``2^bits - 1`` levels spaced ``max|w| / (2^(bits-1) - 1)`` apart. In both, every value inside the
+block's range is reproduced to within ``scale / 2``. A block that is all zeros gets scale 1, so
+nothing divides by zero. Math runs in float32 (float64 inputs stay float64).
+
+Background: Jacob et al., "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", CVPR 2018, https://arxiv.org/abs/1712.05877.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "GRANULARITIES",
+    "QuantSpec",
+    "choose_qparams",
+    "dequantize",
+    "fake_quantize",
+    "quant_range",
+    "quantize",
+]
+
+GRANULARITIES = ("per_channel", "per_tensor", "group")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one weight tensor."""
+
+    bits: int
+    granularity: str = "per_channel"
+    group_size: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} is not allowed; integer quantization uses 2..8 bits")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"granularity={self.granularity!r} is not allowed; choose one of {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "group":
+            g = self.group_size
+            if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+                raise ValueError(f"granularity='group' needs a positive integer group_size, got {g!r}")
+        elif self.group_size is not None:
+            raise ValueError(
+                f"group_size={self.group_size!r} only applies to granularity='group', "
+                f"not {self.granularity!r}"
+            )
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
+
+
+def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Smallest and largest integer level."""
+    if symmetric:
+        top = 2 ** (bits - 1) - 1
+        return -top, top
+    return 0, 2**bits - 1
+
+
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def _blocks(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``w`` as (rows, groups, group length), zero-padding a short last group."""
+    w = w.to(_compute_dtype(w))
+    if spec.granularity == "per_tensor":
+        return w.reshape(1, 1, -1)
+    if w.ndim < 2:
+        raise ValueError(
+            f"granularity={spec.granularity!r} needs a tensor with rows, got shape {tuple(w.shape)}"
+        )
+    rows = w.reshape(w.shape[0], -1)
+    if spec.granularity == "per_channel":
+        return rows.unsqueeze(1)
+    g = spec.group_size
+    assert g is not None
+    pad = (-rows.shape[1]) % g
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(rows.shape[0], -1, g)
+
+
+def _unblock(blocks: torch.Tensor, like: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Inverse of :func:`_blocks`: drop the padding and restore ``like``'s shape."""
+    flat = blocks.reshape(blocks.shape[0], -1)
+    if spec.granularity != "per_tensor":
+        flat = flat[:, : like.numel() // like.shape[0]]
+    return flat.reshape(like.shape)
+
+
+def choose_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max ``(scale, zero_point)`` per block, each shaped (rows, groups, 1).
+
+    ``zero_point`` is an integer-valued tensor in the compute dtype (0 when symmetric).
+    """
+    blocks = _blocks(w, spec)
+    qmin, qmax = quant_range(spec.bits, spec.symmetric)
+    if spec.symmetric:
+        scale = blocks.abs().amax(dim=-1, keepdim=True) / qmax
+        zero_point = torch.zeros_like(scale)
+    else:
+        lo = blocks.amin(dim=-1, keepdim=True).clamp(max=0)
+        hi = blocks.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not spec.symmetric:
+        zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer levels of ``w``, same shape as ``w`` (int8 when symmetric, uint8 otherwise)."""
+    qmin, qmax = quant_range(spec.bits, spec.symmetric)
+    q = torch.clamp(torch.round(_blocks(w, spec) / scale) + zero_point, qmin, qmax)
+    return _unblock(q, w, spec).to(torch.int8 if spec.symmetric else torch.uint8)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Real values ``(q - zero_point) * scale`` of the integer levels ``q``, in ``dtype``."""
+    blocks = _blocks(q.to(scale.dtype), spec)
+    return _unblock((blocks - zero_point) * scale, q, spec).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``dequantize(quantize(w))`` in ``w``'s dtype: the weight a real quantized kernel would see."""
+    scale, zero_point = choose_qparams(w, spec)
+    return dequantize(quantize(w, scale, zero_point, spec), scale, zero_point, spec, dtype=w.dtype)

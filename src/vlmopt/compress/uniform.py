@@ -1,0 +1,88 @@
+"""Uniform round-to-nearest weight quantization, simulated (fake quantization).
+
+Each selected Linear weight is replaced by ``dequantize(quantize(w))`` in the model's own dtype:
+the model computes exactly what a kernel with ``bits``-bit weights would compute, but the weights
+are still stored as floats, so the saved model is no smaller (the manifest reports the nominal
+size, elements x bits). Biases are left alone. This is the "uniform" method of the BLIP-2
+quantization grid study, which used per-tensor asymmetric min-max; here per-channel is the
+default and per-tensor or grouped scales are settings. ``bits=16`` (which meant "leave this part
+alone" in that study) is rejected: a step that changes nothing is an error, drop the step
+instead.
+
+Method: Jacob et al., "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", CVPR 2018, https://arxiv.org/abs/1712.05877; survey of
+round-to-nearest baselines in Frantar et al., "GPTQ", ICLR 2023, https://arxiv.org/abs/2210.17323.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmopt.compress.quant import QuantSpec, fake_quantize
+from vlmopt.compress.select import ModuleRef, SelectionSpec
+
+__all__ = ["UniformConfig", "apply_uniform"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniformConfig(SelectionSpec):
+    """Settings of one ``uniform`` step: bit width, scale granularity, symmetry, and selection."""
+
+    method = "uniform"
+
+    bits: int
+    granularity: str = "per_channel"
+    group_size: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits == 16 and not isinstance(self.bits, bool):
+            raise ValueError(
+                "uniform: bits=16 means 'leave unquantized', which would change nothing; "
+                "remove the step instead (a variant with no steps is the baseline)"
+            )
+        try:
+            self.quant_spec()
+        except ValueError as err:
+            raise ValueError(f"uniform: {err}") from None
+
+    def quant_spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.bits, granularity=self.granularity, group_size=self.group_size, symmetric=self.symmetric
+        )
+
+
+@torch.no_grad()
+def apply_uniform(
+    model: nn.Module, refs: list[ModuleRef], config: UniformConfig
+) -> dict[str, dict[str, Any]]:
+    """Fake-quantize the weights of ``refs`` in place; per module, how many elements changed.
+
+    ``model`` is unused (the handlers share one signature). A module whose weights were already
+    exactly representable keeps ``elements_changed: 0`` (recorded and logged); a step in which no
+    element changed at all raises ``ValueError``.
+    """
+    spec = config.quant_spec()
+    details: dict[str, dict[str, Any]] = {}
+    for ref in refs:
+        weight = ref.module.weight
+        new = fake_quantize(weight.detach(), spec)
+        changed = int((new != weight).sum())
+        weight.copy_(new)
+        details[ref.name] = {"bits": config.bits, "elements_changed": changed}
+        if changed == 0:
+            log.warning("uniform: %s was already exactly representable at %d bits", ref.name, config.bits)
+    if refs and not any(d["elements_changed"] for d in details.values()):
+        raise ValueError(
+            f"uniform: {config.to_dict()} selected {len(refs)} modules but changed no weight "
+            "(all already exactly representable)"
+        )
+    return details

@@ -1,0 +1,201 @@
+"""Apply a variant (an ordered list of compression steps) and describe what it changed.
+
+``METHODS`` maps a method name to its config class and handler, so adding a method is one
+module plus one entry here. Every step selects its modules through
+:meth:`~vlmopt.compress.select.SelectionSpec.select` (one walker for all methods), then the
+handler changes them and reports per-module details. Steps that hold weights in a form the saved
+model cannot store (``runtime`` methods such as ``dynamic_int8``) must come last; they are
+listed in the manifest's ``runtime_steps`` and re-applied after loading with
+:func:`apply_runtime_steps`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmopt.compress.dynamic_int8 import DynamicInt8Config, apply_dynamic_int8, torchao_version
+from vlmopt.compress.manifest import build_manifest, param_inventory
+from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec, check_parts
+from vlmopt.compress.uniform import UniformConfig, apply_uniform
+
+__all__ = ["METHODS", "RUNTIME_METHODS", "Method", "apply_runtime_steps", "apply_variant", "parse_step"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[nn.Module, list[ModuleRef], Any], dict[str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compression method: its settings, what it does, and how its result is held."""
+
+    config: type[SelectionSpec]
+    handler: Handler
+    #: Nominal bits per weight element after the step.
+    bits: Callable[[Any], int]
+    #: True when weights stay floats that only imitate the quantized values (fake quantization).
+    simulated: bool
+    #: True when the result cannot be saved as ordinary weights and is re-applied at load time.
+    runtime: bool
+    #: Library versions that determine the result, recorded in the manifest.
+    backend: Callable[[], dict[str, str]] = dict
+
+
+METHODS: dict[str, Method] = {
+    "uniform": Method(UniformConfig, apply_uniform, bits=lambda c: c.bits, simulated=True, runtime=False),
+    "dynamic_int8": Method(
+        DynamicInt8Config,
+        apply_dynamic_int8,
+        bits=lambda c: 8,
+        simulated=False,
+        runtime=True,
+        backend=lambda: {"torchao": torchao_version()},
+    ),
+}
+
+#: Names of the methods whose result is re-applied at load time instead of saved.
+RUNTIME_METHODS = frozenset(name for name, method in METHODS.items() if method.runtime)
+
+
+def parse_step(step: Mapping[str, Any]) -> tuple[Method, SelectionSpec]:
+    """The method and validated config of one step dict such as ``{"method": "uniform", "bits": 4, ...}``."""
+    if not isinstance(step, Mapping):
+        raise ValueError(f"a step must be a mapping with a 'method' key, got {step!r}")
+    if "method" not in step:
+        raise ValueError(f"step {dict(step)} has no 'method'; methods: {', '.join(METHODS)}")
+    name = step["method"]
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
+    method = METHODS[name]
+    return method, method.config.from_dict({k: v for k, v in step.items() if k != "method"})
+
+
+def _check_weights(model: nn.Module, refs: list[ModuleRef], method: str) -> None:
+    """Reject weights that are already quantized, or shared with a module outside the selection."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    selected = {f"{ref.name}.weight" for ref in refs}
+    for ref in refs:
+        weight = ref.module.weight
+        if type(weight.data) is not torch.Tensor or not weight.is_floating_point():
+            raise ValueError(
+                f"{method}: {ref.name} already holds a {type(weight.data).__name__} weight; "
+                "runtime steps (such as dynamic_int8) must come last in a variant"
+            )
+        shared = [n for n in owners.get(id(weight), []) if n not in selected]
+        if shared:
+            raise ValueError(
+                f"{method}: the weight of {ref.name} is shared with {shared}, which the step does not "
+                "select; changing it would change those too"
+            )
+
+
+def _run_step(
+    model: nn.Module,
+    parts: Parts,
+    method: Method,
+    config: SelectionSpec,
+    *,
+    apply: bool,
+    refs: list[ModuleRef] | None = None,
+) -> dict[str, Any]:
+    if refs is None:
+        refs = config.select(model, parts)
+    _check_weights(model, refs, config.method)
+    details = method.handler(model, refs, config) if apply else {}
+    bits = method.bits(config)
+    modules = [{**ref.record(), "bits": bits, **details.get(ref.name, {})} for ref in refs]
+    entry = {
+        "method": config.method,
+        "settings": config.to_dict(),
+        "simulated": method.simulated,
+        "runtime": method.runtime,
+        "applied": apply,
+        "n_modules": len(refs),
+        "modules": modules,
+        "backend": method.backend(),
+    }
+    log.info("%s: %d modules in %s", config.method, len(refs), sorted({r.part for r in refs}))
+    return entry
+
+
+def apply_variant(
+    model: nn.Module, parts: Parts, steps: list[Mapping[str, Any]], *, defer_runtime: bool = False
+) -> dict[str, Any]:
+    """Apply ``steps`` to ``model`` in place, in order, and return the manifest dict.
+
+    An empty list is the baseline (nothing changes). Every step's settings are validated before
+    any step runs; an error raised while a step runs (an empty selection, a step that changed
+    nothing) leaves the model partly changed, so discard it. With ``defer_runtime=True`` the
+    runtime steps are selected and recorded but not applied, so the caller can save the float
+    weights first and then call :func:`apply_runtime_steps`.
+    """
+    if isinstance(steps, Mapping) or isinstance(steps, str):
+        raise ValueError("steps must be a list of step mappings")
+    parsed = []
+    for index, step in enumerate(steps):
+        try:
+            parsed.append(parse_step(step))
+        except ValueError as err:
+            raise ValueError(f"step {index}: {err}") from None
+    seen_runtime = None
+    for method, config in parsed:
+        if method.runtime:
+            seen_runtime = config.method
+        elif seen_runtime is not None:
+            raise ValueError(
+                f"{config.method} comes after the runtime step {seen_runtime}; runtime steps must come last"
+            )
+    check_parts(model, parts)
+    inventory = param_inventory(model, parts)
+    entries = []
+    for index, (method, config) in enumerate(parsed):
+        apply = not (method.runtime and defer_runtime)
+        try:
+            entries.append(_run_step(model, parts, method, config, apply=apply))
+        except ValueError as err:
+            raise type(err)(f"step {index}: {err}") from None
+    runtime_steps = [config.to_dict() for method, config in parsed if method.runtime]
+    return build_manifest(inventory, parts, entries, runtime_steps)
+
+
+def apply_runtime_steps(model: nn.Module, parts: Parts, manifest: Mapping[str, Any]) -> list[list[str]]:
+    """Re-apply the manifest's ``runtime_steps`` to a freshly loaded float model, in order.
+
+    Checks, before changing anything, that each step selects exactly the modules the manifest
+    recorded for it; returns the module names per step.
+    """
+    runtime_steps = list(manifest.get("runtime_steps", []))
+    recorded = [s for s in manifest.get("steps", []) if s.get("runtime")]
+    if recorded and len(recorded) != len(runtime_steps):
+        raise ValueError(
+            f"manifest lists {len(runtime_steps)} runtime steps but {len(recorded)} runtime step records"
+        )
+    check_parts(model, parts)
+    planned = []
+    for index, step in enumerate(runtime_steps):
+        method, config = parse_step(step)
+        if not method.runtime:
+            raise ValueError(f"runtime step {index}: {config.method} is not a runtime method")
+        refs = config.select(model, parts)
+        names = [ref.name for ref in refs]
+        if recorded:
+            expected = [m["name"] for m in recorded[index]["modules"]]
+            if names != expected:
+                missing = sorted(set(expected) - set(names))
+                extra = sorted(set(names) - set(expected))
+                raise ValueError(
+                    f"runtime step {index} ({config.method}) selected different modules than the manifest "
+                    f"records: missing {missing}, extra {extra}"
+                )
+        planned.append((method, config, refs))
+    for method, config, refs in planned:
+        _run_step(model, parts, method, config, apply=True, refs=refs)
+    return [[ref.name for ref in refs] for _, _, refs in planned]

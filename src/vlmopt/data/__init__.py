@@ -1,0 +1,78 @@
+"""Datasets: canonical tables (``<root>/<split>.parquet`` + images) and the sources that create them.
+
+``DATASETS`` maps a dataset name to how it is prepared; adding a dataset is one module and one
+entry. Nothing here imports torch or model code, so CPU scoring jobs can read tables cheaply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmopt.data.schema import (
+    TASK_COLUMNS,
+    dataset_texts,
+    read_split,
+    validate_dataset_table,
+    write_table,
+)
+from vlmopt.data.synthetic import make_shapes
+
+__all__ = [
+    "DATASETS",
+    "TASK_COLUMNS",
+    "DatasetSource",
+    "dataset_texts",
+    "get_dataset",
+    "make_shapes",
+    "read_split",
+    "validate_dataset_table",
+    "write_table",
+]
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """How one dataset is prepared: the function that writes it, the settings it takes, what it serves."""
+
+    name: str
+    #: Kind of source (``synthetic``, later ``hub``/``url``/``local``); a study's ``source`` names it.
+    source: str
+    #: ``build(root, *, seed, **options) -> {split: table path}``.
+    build: Callable[..., dict[str, Path]]
+    #: Settings a study may pass to ``build``.
+    options: tuple[str, ...]
+    tasks: tuple[str, ...]
+    splits: tuple[str, ...] = ("train", "val", "test")
+    offline: bool = True
+    description: str = ""
+
+    def prepare(self, root: str | Path, *, seed: int = 0, **settings: Any) -> dict[str, Path]:
+        """Write the dataset under ``root``; an unknown setting is an error naming the allowed ones."""
+        unknown = sorted(set(settings) - set(self.options))
+        if unknown:
+            raise ValueError(
+                f"dataset {self.name!r}: unknown setting(s) {unknown}; allowed: {list(self.options)}"
+            )
+        return self.build(root, seed=seed, **settings)
+
+
+DATASETS: dict[str, DatasetSource] = {
+    "shapes": DatasetSource(
+        name="shapes",
+        source="synthetic",
+        build=make_shapes,
+        options=("n_train", "n_val", "n_test", "image_size"),
+        tasks=("captioning", "vqa", "classification"),
+        description="coloured shapes on a light background; captions, VQA and real-vs-generated labels",
+    ),
+}
+
+
+def get_dataset(name: str) -> DatasetSource:
+    """The registered dataset ``name``; an unknown name lists the known ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
+    return DATASETS[name]

@@ -1,0 +1,26 @@
+"""CPU-only scoring of predictions against references, matching the official evaluation code.
+
+``caption_scores`` computes the COCO caption metrics with pycocoevalcap (PTB tokenizer, BLEU, METEOR,
+ROUGE-L, CIDEr), https://github.com/salaniz/pycocoevalcap; ``vqa_accuracy`` reproduces the official VQA
+accuracy of https://github.com/GT-Vision-Lab/VQA. Nothing here loads a model: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+from vlmopt.metrics.caption import (
+    CAPTION_METRICS,
+    CaptionEvaluation,
+    caption_scores,
+    caption_scores_per_sample,
+    evaluate_captions,
+)
+from vlmopt.metrics.vqa import vqa_accuracy
+
+__all__ = [
+    "CAPTION_METRICS",
+    "CaptionEvaluation",
+    "caption_scores",
+    "caption_scores_per_sample",
+    "evaluate_captions",
+    "vqa_accuracy",
+]
