@@ -3,7 +3,7 @@ rule infer:
         unpack(split_inputs),
         model="results/models/{model}/{ft}/{variant}",
     output:
-        "results/predictions/{model}/{ft}/{variant}/{task}/{dataset}/shards/{scatteritem}.parquet",
+        "results/predictions/{model}/{ft}/{variant}/{task}/{dataset}/shard-{scatteritem}.parquet",
     log:
         "logs/infer/{model}/{ft}/{variant}/{task}/{dataset}/{scatteritem}.log",
     benchmark:
@@ -20,7 +20,7 @@ rule gather_predictions:
     input:
         unpack(split_inputs),
         shards=gather.infer(
-            "results/predictions/{{model}}/{{ft}}/{{variant}}/{{task}}/{{dataset}}/shards/{scatteritem}.parquet"
+            "results/predictions/{{model}}/{{ft}}/{{variant}}/{{task}}/{{dataset}}/shard-{scatteritem}.parquet"
         ),
     output:
         "results/predictions/{model}/{ft}/{variant}/{task}/{dataset}/predictions.parquet",

@@ -90,7 +90,13 @@ def finetune_model(
     loaded.save(out_dir)
     (Path(out_dir) / "finetune.json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info("finetuned %s in %.0f s, loss %.3f -> %.3f", model_dir, summary["seconds"], summary["first_loss"], summary["last_loss"])
+    log.info(
+        "finetuned %s in %.0f s, loss %.3f -> %.3f",
+        model_dir,
+        summary["seconds"],
+        summary["first_loss"],
+        summary["last_loss"],
+    )
     return summary
 
 
@@ -223,7 +229,9 @@ def score_predictions(
     return metrics
 
 
-def build_tables(score_files: Iterable[str | Path], model_dirs: Iterable[str | Path], out_dir: str | Path) -> pd.DataFrame:
+def build_tables(
+    score_files: Iterable[str | Path], model_dirs: Iterable[str | Path], out_dir: str | Path
+) -> pd.DataFrame:
     """Concatenate scores into ``scores.parquet`` and write ``summary.parquet`` (metrics as columns, sizes)."""
     out_dir = Path(out_dir)
     scores = pd.concat([pd.read_parquet(p) for p in score_files], ignore_index=True)
@@ -258,11 +266,8 @@ def build_plots(summary: str | Path, out_dir: str | Path) -> list[Path]:
     return [quality_vs_size(df, out_dir / "quality_vs_size.png"), task_bars(df, out_dir / "task_bars.png")]
 
 
-
-
 def start_job(log_path: str | Path, threads: int = 1) -> None:
     """Send stderr and logging to the job's log file and bound torch's threads to the job's share."""
-    import os
     import sys
 
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)

@@ -55,14 +55,18 @@ def check_study(config: dict[str, Any]) -> None:
             if tok is None:
                 raise StudyError(f"models.{slug}: a tiny model needs tokenizer_dataset (one of {sorted(datasets)})")
             if tok not in datasets:
-                raise StudyError(f"models.{slug}.tokenizer_dataset: {tok!r} is not a dataset; defined: {sorted(datasets)}")
+                raise StudyError(
+                    f"models.{slug}.tokenizer_dataset: {tok!r} is not a dataset; defined: {sorted(datasets)}"
+                )
     for slug, ft in (config.get("finetune") or {}).items():
         if slug == "none":
             if ft:
                 raise StudyError("finetune.none must be empty: it passes the model through unchanged")
             continue
         if ft.get("dataset") not in datasets:
-            raise StudyError(f"finetune.{slug}.dataset: {ft.get('dataset')!r} is not a dataset; defined: {sorted(datasets)}")
+            raise StudyError(
+                f"finetune.{slug}.dataset: {ft.get('dataset')!r} is not a dataset; defined: {sorted(datasets)}"
+            )
     for i, run in enumerate(config.get("runs") or []):
         for key, known in (("models", models), ("finetune", finetunes), ("variants", variants)):
             names = run[key] if run[key] != "all" else []

@@ -70,7 +70,9 @@ def write_parquet(table: pa.Table, path: str | Path, metadata: dict[str, Any] | 
 
 def write_predictions(df: pd.DataFrame, path: str | Path, metadata: dict[str, Any]) -> Path:
     """Write predictions (``sample_id``, ``prediction``, ``error``) with the generation settings as metadata."""
-    table = pa.Table.from_pandas(df[["sample_id", "prediction", "error"]], schema=PREDICTIONS_SCHEMA, preserve_index=False)
+    table = pa.Table.from_pandas(
+        df[["sample_id", "prediction", "error"]], schema=PREDICTIONS_SCHEMA, preserve_index=False
+    )
     return write_parquet(table, path, metadata)
 
 
@@ -129,7 +131,14 @@ def score_rows(
         raise ValueError(f"score keys missing {missing}")
     prov = provenance(settings)
     rows = [
-        {**{k: keys[k] for k in KEYS}, "metric": m, "value": float(v), "n_samples": n_samples, "n_failed": n_failed, **prov}
+        {
+            **{k: keys[k] for k in KEYS},
+            "metric": m,
+            "value": float(v),
+            "n_samples": n_samples,
+            "n_failed": n_failed,
+            **prov,
+        }
         for m, v in metrics.items()
     ]
     return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)

@@ -206,9 +206,7 @@ class ToyBlip2(nn.Module):
         q = self.qformer.layernorm(self.query_tokens.expand(patches.shape[0], -1, -1))
         for layer in self.qformer.encoder.layer:
             q = layer(q, image)
-        x = torch.cat(
-            [self.language_projection(q), self.language_model.model.decoder.embed_tokens(input_ids)], 1
-        )
+        x = torch.cat([self.language_projection(q), self.language_model.model.decoder.embed_tokens(input_ids)], 1)
         for layer in self.language_model.model.decoder.layers:
             x = layer(x)
         return self.language_model.lm_head(x)
@@ -216,9 +214,7 @@ class ToyBlip2(nn.Module):
 
 def toy_parts(model: ToyBlip2) -> dict[str, list[tuple[str, nn.Module]]]:
     return {
-        "vision": [
-            (f"vision_model.encoder.layers.{i}", m) for i, m in enumerate(model.vision_model.encoder.layers)
-        ],
+        "vision": [(f"vision_model.encoder.layers.{i}", m) for i, m in enumerate(model.vision_model.encoder.layers)],
         "bridge": [(f"qformer.encoder.layer.{i}", m) for i, m in enumerate(model.qformer.encoder.layer)],
         "language": [
             (f"language_model.model.decoder.layers.{i}", m)

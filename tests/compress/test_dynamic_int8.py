@@ -104,9 +104,7 @@ def test_overlap_with_uniform_counts_the_smaller_width(toy) -> None:
 
 def test_runtime_steps_refuse_a_model_that_does_not_match(toy_factory) -> None:
     model, parts = toy_factory(0)
-    manifest = apply_variant(
-        model, parts, [{"method": "dynamic_int8", "part": "language", "position": "last"}]
-    )
+    manifest = apply_variant(model, parts, [{"method": "dynamic_int8", "part": "language", "position": "last"}])
     other, other_parts = toy_factory(0)
     shorter = {"language": other_parts["language"][:5]}
     with pytest.raises(ValueError, match="selected different modules than the manifest records"):

@@ -75,18 +75,14 @@ def test_opt_attention_finds_q_k_v_out_proj(toy) -> None:
     """Regression: 'LLM attention' once looked for a fused qkv and matched nothing on OPT."""
     model, parts = toy
     names = _names(model, parts, part="language", role="attention")
-    assert names == [
-        f"{L}.{i}.self_attn.{p}" for i in range(6) for p in ("q_proj", "k_proj", "v_proj", "out_proj")
-    ]
+    assert names == [f"{L}.{i}.self_attn.{p}" for i in range(6) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
 
 
 def test_language_middle_mlp(toy) -> None:
     model, parts = toy
     refs = select_modules(model, parts, part="language", position="middle", role="mlp")
     assert [r.name for r in refs] == [f"{L}.2.fc1", f"{L}.2.fc2", f"{L}.3.fc1", f"{L}.3.fc2"]
-    assert {(r.part, r.position, r.role, r.attention_kind) for r in refs} == {
-        ("language", "middle", "mlp", None)
-    }
+    assert {(r.part, r.position, r.role, r.attention_kind) for r in refs} == {("language", "middle", "mlp", None)}
     assert [r.layer_index for r in refs] == [2, 2, 3, 3]
 
 
@@ -142,9 +138,7 @@ def test_explicit_modules_are_added(toy) -> None:
     extra = refs[-1]
     assert (extra.part, extra.layer_index, extra.position) == ("other", None, None)
     # naming a module already selected does not duplicate it; one inside a layer keeps its place
-    refs = select_modules(
-        model, parts, part="language", position="last", modules=[f"{V}.0.mlp.fc1", f"{L}.5.fc1"]
-    )
+    refs = select_modules(model, parts, part="language", position="last", modules=[f"{V}.0.mlp.fc1", f"{L}.5.fc1"])
     names = [r.name for r in refs]
     assert len(names) == len(set(names)) == 13
     assert (refs[-1].part, refs[-1].layer_index, refs[-1].position, refs[-1].role) == (

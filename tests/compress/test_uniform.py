@@ -159,8 +159,6 @@ def test_tied_weight_outside_the_selection_is_refused(toy) -> None:
     lm.lm_head.weight = lm.model.decoder.embed_tokens.weight
     before = snapshot(model)
     step = {"method": "uniform", "bits": 4, "part": "language", "modules": ["language_model.lm_head"]}
-    with pytest.raises(
-        ValueError, match="shared with \\['language_model.model.decoder.embed_tokens.weight'\\]"
-    ):
+    with pytest.raises(ValueError, match="shared with \\['language_model.model.decoder.embed_tokens.weight'\\]"):
         apply_variant(model, parts, [step])
     assert changed_params(model, before) == set()

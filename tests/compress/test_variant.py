@@ -119,9 +119,7 @@ def test_manifest_is_json_and_written_atomically(toy, tmp_path) -> None:
     manifest = apply_variant(model, parts, [{"method": "uniform", "bits": 4, "part": "bridge"}])
     size = serialized_size(model)
     assert size > 4 * MODEL  # fake quantization keeps float storage
-    out = write_manifest(
-        tmp_path / "v" / "manifest.json", manifest, serialized_size_bytes=size, inputs_hash="abc"
-    )
+    out = write_manifest(tmp_path / "v" / "manifest.json", manifest, serialized_size_bytes=size, inputs_hash="abc")
     loaded = json.loads(out.read_text())
     assert loaded["serialized_size_bytes"] == size and loaded["inputs_hash"] == "abc"
     assert loaded["steps"] == manifest["steps"]

@@ -21,9 +21,7 @@ SPLITS = ("train", "val", "test")
 
 @pytest.fixture(scope="module")
 def tables(shapes_root) -> dict[str, pd.DataFrame]:
-    return {
-        split: read_split(shapes_root, split, ["captioning", "vqa", "classification"]) for split in SPLITS
-    }
+    return {split: read_split(shapes_root, split, ["captioning", "vqa", "classification"]) for split in SPLITS}
 
 
 def _blobs(pixels: np.ndarray) -> list[np.ndarray]:
@@ -49,10 +47,7 @@ def _blobs(pixels: np.ndarray) -> list[np.ndarray]:
 
 def _vqa_accuracy(prediction: str, answers: list[str]) -> float:
     """Official VQA accuracy (answers already normalised): mean over leave-one-out of min(1, matches/3)."""
-    scores = [
-        min(1.0, sum(a == prediction for j, a in enumerate(answers) if j != i) / 3)
-        for i in range(len(answers))
-    ]
+    scores = [min(1.0, sum(a == prediction for j, a in enumerate(answers) if j != i) / 3) for i in range(len(answers))]
     return sum(scores) / len(scores)
 
 
@@ -131,9 +126,7 @@ def test_question_types_labels_and_yes_no_are_balanced_in_every_split(tables):
         assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
         labels = Counter(df["label"])
         assert abs(labels[0] - labels[1]) <= 1 and labels[0] + labels[1] == n, (split, labels)
-        yes_no = Counter(
-            Counter(a).most_common(1)[0][0] for a in df.loc[df["question_type"] == "yes/no", "answers"]
-        )
+        yes_no = Counter(Counter(a).most_common(1)[0][0] for a in df.loc[df["question_type"] == "yes/no", "answers"])
         assert set(yes_no) <= {"yes", "no"} and abs(yes_no["yes"] - yes_no["no"]) <= 1, (split, yes_no)
     assert set(Counter(tables["train"]["question_type"]).values()) == {16}
 

@@ -11,7 +11,9 @@ def _weights(loaded):
     return {k: v.clone() for k, v in loaded.model.state_dict().items()}
 
 
-def test_resume_after_interruption_gives_the_same_weights(shapes_texts, shapes_train, shapes_root, tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_the_same_weights(
+    shapes_texts, shapes_train, shapes_root, tmp_path, monkeypatch
+):
     config = FullFinetuneConfig(epochs=2, batch_size=16, lr=2e-3, checkpoint_every=3, max_steps=9)
     straight = load_model("tiny:blip", texts=shapes_texts, seed=0)
     finetune(straight, shapes_train, shapes_root, config, checkpoint_dir=tmp_path / "a", progress=False)

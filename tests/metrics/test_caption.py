@@ -87,9 +87,7 @@ def test_public_wrappers(monkeypatch, evaluation):
 
 def test_tokenizer_keeps_captions_aligned_across_line_breaks():
     # A "\r" or U+2028 would start a new line in the Java tokenizer and shift later captions.
-    tokenized = caption_module._ptb_tokenize(
-        {"a": ["One\rtwo, three.", "four\u2028five"], "b": ["", "Hello (World)!"]}
-    )
+    tokenized = caption_module._ptb_tokenize({"a": ["One\rtwo, three.", "four\u2028five"], "b": ["", "Hello (World)!"]})
     # Brackets survive as "-lrb-"/"-rrb-": pycocoevalcap's filter lists them upper-case, after -lowerCase.
     assert tokenized == {"a": ["one two three", "four five"], "b": ["", "hello -lrb- world -rrb-"]}
 

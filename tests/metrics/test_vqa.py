@@ -149,9 +149,7 @@ def test_mismatched_ids_are_named():
         r"1 id\(s\) in predictions but not in answers: 'extra'",
     ):
         vqa_accuracy(predictions, answers)
-    with pytest.raises(
-        ValueError, match=r"8 id\(s\) in answers but not in predictions: 'q0', .*'q4', \.\.\.$"
-    ):
+    with pytest.raises(ValueError, match=r"8 id\(s\) in answers but not in predictions: 'q0', .*'q4', \.\.\.$"):
         vqa_accuracy({}, answers)
 
 

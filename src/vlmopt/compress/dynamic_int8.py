@@ -71,9 +71,7 @@ def torchao_version() -> str:
 
 
 @torch.no_grad()
-def apply_dynamic_int8(
-    model: nn.Module, refs: list[ModuleRef], config: DynamicInt8Config
-) -> dict[str, dict[str, Any]]:
+def apply_dynamic_int8(model: nn.Module, refs: list[ModuleRef], config: DynamicInt8Config) -> dict[str, dict[str, Any]]:
     """Quantize the weights of ``refs`` to int8 in place; per module, the new weight type.
 
     Raises ``RuntimeError`` if a selected module did not end up with an int8 weight.
@@ -87,8 +85,6 @@ def apply_dynamic_int8(
         weight = model.get_submodule(ref.name).weight
         qdata = getattr(weight, "qdata", None)
         if qdata is None or qdata.dtype != torch.int8:
-            raise RuntimeError(
-                f"dynamic_int8: {ref.name} still has a {type(weight).__name__} weight after quantize_"
-            )
+            raise RuntimeError(f"dynamic_int8: {ref.name} still has a {type(weight).__name__} weight after quantize_")
         details[ref.name] = {"bits": 8, "weight_type": type(weight).__name__}
     return details

@@ -93,9 +93,7 @@ def build_manifest(
     bits_of = {f"{m['name']}.weight": m["bits"] for m in changed}
     unknown = [name for name in bits_of if name not in inventory]
     if unknown:
-        raise ValueError(
-            f"changed weights {unknown} are not parameters of the model (inventory taken before)"
-        )
+        raise ValueError(f"changed weights {unknown} are not parameters of the model (inventory taken before)")
 
     groups = [p for p in PARTS if parts.get(p)] + [OTHER]
     counts = {g: {"total": 0, "changed": 0, "bits": 0, "dense_bits": 0} for g in [*groups, "model"]}

@@ -61,8 +61,7 @@ class QuantSpec:
                 raise ValueError(f"granularity='group' needs a positive integer group_size, got {g!r}")
         elif self.group_size is not None:
             raise ValueError(
-                f"group_size={self.group_size!r} only applies to granularity='group', "
-                f"not {self.granularity!r}"
+                f"group_size={self.group_size!r} only applies to granularity='group', not {self.granularity!r}"
             )
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
@@ -86,9 +85,7 @@ def _blocks(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.granularity == "per_tensor":
         return w.reshape(1, 1, -1)
     if w.ndim < 2:
-        raise ValueError(
-            f"granularity={spec.granularity!r} needs a tensor with rows, got shape {tuple(w.shape)}"
-        )
+        raise ValueError(f"granularity={spec.granularity!r} needs a tensor with rows, got shape {tuple(w.shape)}")
     rows = w.reshape(w.shape[0], -1)
     if spec.granularity == "per_channel":
         return rows.unsqueeze(1)

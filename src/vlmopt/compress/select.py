@@ -127,9 +127,7 @@ def check_parts(model: nn.Module, parts: Parts) -> None:
             try:
                 found = model.get_submodule(name)
             except AttributeError as err:
-                raise ValueError(
-                    f"part {part!r} lists layer {name!r}, which the model does not have"
-                ) from err
+                raise ValueError(f"part {part!r} lists layer {name!r}, which the model does not have") from err
             if found is not layer:
                 raise ValueError(f"part {part!r} lists layer {name!r}, but that name holds another module")
 
@@ -161,8 +159,7 @@ def _describe_parts(parts: Parts) -> str:
             for local, _m in _layer_linears(layer):
                 roles[role_of(local)] += 1
         lines.append(
-            f"{part}: {n} layers ({thirds}); "
-            f"Linear modules: attention {roles['attention']}, mlp {roles['mlp']}"
+            f"{part}: {n} layers ({thirds}); Linear modules: attention {roles['attention']}, mlp {roles['mlp']}"
         )
     return "; ".join(lines)
 
@@ -287,9 +284,7 @@ class SelectionSpec:
                 try:
                     re.compile(pattern[3:])
                 except re.error as err:
-                    raise ValueError(
-                        f"{self._label()}modules entry {pattern!r} is not a valid regex: {err}"
-                    ) from err
+                    raise ValueError(f"{self._label()}modules entry {pattern!r} is not a valid regex: {err}") from err
 
     @classmethod
     def allowed_keys(cls) -> list[str]:
@@ -337,6 +332,4 @@ def _is_required(f: dataclasses.Field) -> bool:
 def _choice(config: SelectionSpec, key: str, allowed: tuple[str, ...]) -> None:
     value = getattr(config, key)
     if value not in allowed:
-        raise ValueError(
-            f"{config._label()}{key}={value!r} is not allowed; choose one of {', '.join(allowed)}"
-        )
+        raise ValueError(f"{config._label()}{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")

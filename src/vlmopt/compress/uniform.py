@@ -61,9 +61,7 @@ class UniformConfig(SelectionSpec):
 
 
 @torch.no_grad()
-def apply_uniform(
-    model: nn.Module, refs: list[ModuleRef], config: UniformConfig
-) -> dict[str, dict[str, Any]]:
+def apply_uniform(model: nn.Module, refs: list[ModuleRef], config: UniformConfig) -> dict[str, dict[str, Any]]:
     """Fake-quantize the weights of ``refs`` in place; per module, how many elements changed.
 
     ``model`` is unused (the handlers share one signature). A module whose weights were already

@@ -175,9 +175,7 @@ def apply_runtime_steps(model: nn.Module, parts: Parts, manifest: Mapping[str, A
     runtime_steps = list(manifest.get("runtime_steps", []))
     recorded = [s for s in manifest.get("steps", []) if s.get("runtime")]
     if recorded and len(recorded) != len(runtime_steps):
-        raise ValueError(
-            f"manifest lists {len(runtime_steps)} runtime steps but {len(recorded)} runtime step records"
-        )
+        raise ValueError(f"manifest lists {len(runtime_steps)} runtime steps but {len(recorded)} runtime step records")
     check_parts(model, parts)
     planned = []
     for index, step in enumerate(runtime_steps):

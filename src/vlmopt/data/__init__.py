@@ -53,9 +53,7 @@ class DatasetSource:
         """Write the dataset under ``root``; an unknown setting is an error naming the allowed ones."""
         unknown = sorted(set(settings) - set(self.options))
         if unknown:
-            raise ValueError(
-                f"dataset {self.name!r}: unknown setting(s) {unknown}; allowed: {list(self.options)}"
-            )
+            raise ValueError(f"dataset {self.name!r}: unknown setting(s) {unknown}; allowed: {list(self.options)}")
         return self.build(root, seed=seed, **settings)
 
 

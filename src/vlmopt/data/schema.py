@@ -214,6 +214,4 @@ def _check_integers(col: str, values: pd.Series) -> None:
     if not pd.api.types.is_integer_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype):
         raise ValueError(f"column {col!r} must hold integers (Arrow int64), got dtype {values.dtype}")
     if values.isna().any():
-        raise _bad_row(
-            col, values, int(np.flatnonzero(values.isna().to_numpy())[0]), "integers without nulls"
-        )
+        raise _bad_row(col, values, int(np.flatnonzero(values.isna().to_numpy())[0]), "integers without nulls")

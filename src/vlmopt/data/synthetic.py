@@ -264,11 +264,7 @@ def make_shapes(
     for name, n in sizes.items():
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
             raise ValueError(f"n_{name} must be a non-negative integer, got {n!r}")
-    if (
-        isinstance(image_size, bool)
-        or not isinstance(image_size, int | np.integer)
-        or image_size < _MIN_IMAGE_SIZE
-    ):
+    if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
     root = Path(root)
     start = time.perf_counter()
@@ -303,9 +299,7 @@ def _make_split(root: Path, split: str, n: int, *, seed: int, image_size: int) -
         question, answers = shapes_vqa(
             qtype, count, color, shape, rng, yes=bool(next(yes_answers)) if qtype == "yes/no" else True
         )
-        image = render_shapes(
-            count, color, shape, position, generated=label == 1, image_size=image_size, rng=rng
-        )
+        image = render_shapes(count, color, shape, position, generated=label == 1, image_size=image_size, rng=rng)
         relative = f"images/{split}/{sample_id}.png"
         image.save(root / relative, format="PNG", compress_level=6)
         rows.append(

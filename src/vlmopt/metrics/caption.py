@@ -66,9 +66,7 @@ def _require_java() -> None:
         )
 
 
-def _validated(
-    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
-) -> dict[str, list[str]]:
+def _validated(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     check_ids(predictions, references, "predictions", "references")
     refs: dict[str, list[str]] = {}
     for sample_id, captions in references.items():
@@ -80,9 +78,7 @@ def _validated(
         if not all(isinstance(c, str) for c in refs[sample_id]):
             raise TypeError(f"references[{sample_id!r}] must contain only strings")
         if not isinstance(predictions[sample_id], str):
-            raise TypeError(
-                f"predictions[{sample_id!r}] must be a string, got {type(predictions[sample_id]).__name__}"
-            )
+            raise TypeError(f"predictions[{sample_id!r}] must be a string, got {type(predictions[sample_id]).__name__}")
     return refs
 
 
@@ -104,9 +100,7 @@ def _ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     finally:
         os.remove(path)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"PTB tokenizer failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}"
-        )
+        raise RuntimeError(f"PTB tokenizer failed ({proc.returncode}): {proc.stderr.decode(errors='replace')}")
     lines = proc.stdout.decode().split("\n")
     if len(lines) < len(keys) or any(lines[len(keys) :]):
         raise RuntimeError(f"PTB tokenizer returned {len(lines)} lines for {len(keys)} captions")
@@ -128,9 +122,7 @@ def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float
         del meteor
 
 
-def evaluate_captions(
-    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
-) -> CaptionEvaluation:
+def evaluate_captions(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> CaptionEvaluation:
     """Score one predicted caption per sample against that sample's reference captions.
 
     ``predictions`` maps sample id to the generated caption (empty strings allowed); ``references`` maps

@@ -69,9 +69,7 @@ _MAX_PERIODS_REMOVED = 32  # re.UNICODE
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 
 
-def check_ids(
-    given: Mapping[str, object], expected: Mapping[str, object], given_name: str, expected_name: str
-) -> None:
+def check_ids(given: Mapping[str, object], expected: Mapping[str, object], given_name: str, expected_name: str) -> None:
     """Raise ValueError, naming a few of the offending ids, unless both mappings have the same keys."""
     parts = []
     for a, a_name, b, b_name in (
@@ -83,9 +81,7 @@ def check_ids(
             shown = ", ".join(repr(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
             parts.append(f"{len(ids)} id(s) in {a_name} but not in {b_name}: {shown}")
     if parts:
-        raise ValueError(
-            f"{given_name} and {expected_name} must have the same sample ids; " + "; ".join(parts)
-        )
+        raise ValueError(f"{given_name} and {expected_name} must have the same sample ids; " + "; ".join(parts))
 
 
 def _strip_punctuation(text: str) -> str:

@@ -15,9 +15,7 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def pad_right(
-    sequences: list[list[int]], labels: list[list[int]] | None, *, pad_id: int
-) -> dict[str, torch.Tensor]:
+def pad_right(sequences: list[list[int]], labels: list[list[int]] | None, *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad id lists into ``input_ids``/``attention_mask`` (and ``labels`` with -100)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

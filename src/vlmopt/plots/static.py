@@ -64,7 +64,9 @@ def quality_vs_size(summary: pd.DataFrame, out: str | Path) -> Path:
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colour[v], marker="o", linestyle="", label=v) for v in variants]
     handles += [plt.Line2D([], [], color="gray", marker=marker[m], linestyle="", label=m) for m in models]
-    handles += [plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="", label="not finetuned")]
+    handles += [
+        plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="", label="not finetuned")
+    ]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return _save(fig, out)
 
