@@ -35,7 +35,11 @@ def _save(fig: plt.Figure, out: str | Path) -> Path:
 
 
 def quality_vs_size(summary: pd.DataFrame, out: str | Path) -> Path:
-    """One panel per task: headline metric against serialized model size, a colour per variant."""
+    """One panel per task: headline metric against nominal model size, a colour per variant.
+
+    The nominal size counts each weight at its bit width, so simulated quantization (whose file
+    does not shrink) is placed where a real kernel would put it; the serialized size is in the table.
+    """
     tasks = _tasks(summary)
     if not tasks:
         raise ValueError("summary has no task with a headline metric to plot")
@@ -47,10 +51,11 @@ def quality_vs_size(summary: pd.DataFrame, out: str | Path) -> Path:
     for ax, task in zip(axes[0], tasks, strict=True):
         metric, label = MAIN_METRIC[task]
         rows = summary[summary["task"] == task]
-        for _, r in rows.iterrows():
+        size = rows["nominal_size_bytes"] if "nominal_size_bytes" in rows else rows["size_bytes"]
+        for (_, r), nbytes in zip(rows.iterrows(), size, strict=True):
             filled = r["ft"] != "none"
             ax.scatter(
-                r["size_bytes"] / 1e6,
+                nbytes / 1e6,
                 r[metric],
                 color=colour[r["variant"]] if filled else "none",
                 edgecolors=colour[r["variant"]],
@@ -58,7 +63,7 @@ def quality_vs_size(summary: pd.DataFrame, out: str | Path) -> Path:
                 s=60,
                 linewidths=1.5,
             )
-        ax.set_xlabel("serialized size (MB)")
+        ax.set_xlabel("nominal size (MB, weights at their bit width)")
         ax.set_ylabel(label)
         ax.set_title(f"{task}: quality vs size")
         ax.grid(alpha=0.3)
@@ -78,16 +83,20 @@ def task_bars(summary: pd.DataFrame, out: str | Path) -> Path:
         raise ValueError("summary has no task with a headline metric to plot")
     variants = sorted(summary["variant"].unique())
     colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)}
-    n = summary.groupby("task").size().max()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 0.35 * n + 1.5), squeeze=False)
+    keys = summary[["model", "ft", "variant"]].drop_duplicates().sort_values(["model", "ft", "variant"])
+    names = [f"{r.model} / {r.ft} / {r.variant}" for r in keys.itertuples()]
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(3.5 + 4 * len(tasks), 0.35 * len(names) + 1.5), squeeze=False, sharey=True
+    )
     for ax, task in zip(axes[0], tasks, strict=True):
         metric, label = MAIN_METRIC[task]
-        rows = summary[summary["task"] == task].sort_values(["model", "ft", "variant"])
-        names = [f"{r.model} / {r.ft} / {r.variant}" for r in rows.itertuples()]
-        ax.barh(range(len(rows)), rows[metric], color=[colour[v] for v in rows["variant"]])
-        ax.set_yticks(range(len(rows)), names, fontsize=8)
-        ax.invert_yaxis()
+        values = keys.merge(summary[summary["task"] == task], on=["model", "ft", "variant"], how="left")[metric]
+        bars = ax.barh(range(len(names)), values.fillna(0), color=[colour[v] for v in keys["variant"]])
+        ax.bar_label(bars, labels=["" if pd.isna(v) else f"{v:.3g}" for v in values], fontsize=7, padding=2)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_xlabel(label)
         ax.set_title(task)
         ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.12)
+    axes[0][0].invert_yaxis()
     return _save(fig, out)
