@@ -3,23 +3,30 @@ import re
 
 from snakemake.utils import validate
 
-from vlmopt.study import check_study, evaluations
+from vlmopt.study import canonical, check_study, evaluations
 
 # Defaults live in the code that uses each setting; the schema only checks.
 validate(config, "../workflow/schemas/config.schema.yaml", set_default=False)
 check_study(config)
+# Sorted keys everywhere: reordering a study file's keys must not change any job's params.
+_sorted_config = canonical(config)
+config.clear()
+config.update(_sorted_config)
 
 EVALUATIONS = evaluations(config)
 SPLITS = ["train", "val", "test"]
 SHARDS = config.get("inference", {}).get("shards", 2)
-INFERENCE = {
-    "split": "test",
-    "batch_size": 16,
-    "shards": 2,
-    "max_new_tokens": 20,
-    "num_beams": 1,
-    "max_error_fraction": 0.05,
-} | config.get("inference", {})
+INFERENCE = canonical(
+    {
+        "split": "test",
+        "batch_size": 16,
+        "shards": 2,
+        "max_new_tokens": 20,
+        "num_beams": 1,
+        "max_error_fraction": 0.05,
+    }
+    | config.get("inference", {})
+)
 
 
 scattergather:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Evaluation", "StudyError", "check_study", "check_variant_steps", "evaluations"]
+__all__ = ["Evaluation", "StudyError", "canonical", "check_study", "check_variant_steps", "evaluations"]
 
 
 class StudyError(ValueError):
@@ -24,6 +24,20 @@ class Evaluation:
     variant: str
     task: str
     dataset: str
+
+
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted, recursively (lists keep their order).
+
+    Snakemake decides that a job must rerun when its params differ from the recorded ones, and it
+    compares them as written, key order included; canonical params make a study file whose keys
+    were merely reordered (or rewritten by a YAML dumper) rerun nothing.
+    """
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
 
 
 def _names(config: dict[str, Any], section: str) -> set[str]:

@@ -59,6 +59,16 @@ def test_rerun_does_nothing(finished_study):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def test_reordering_keys_reruns_nothing(finished_study, tmp_path):
+    config = yaml.safe_load((finished_study / "study.yaml").read_text())
+    reordered = tmp_path / "reordered.yaml"
+    reordered.write_text(yaml.safe_dump(config, sort_keys=True))
+    assert reordered.read_text() != (finished_study / "study.yaml").read_text()
+    result = run_snakemake(finished_study, "--dry-run", configfile=reordered)
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
 def test_changing_one_variant_reruns_only_its_chain(finished_study, tmp_path):
     config = yaml.safe_load((finished_study / "study.yaml").read_text())
     config["variants"]["w8-language"][0]["bits"] = 6
@@ -74,6 +84,7 @@ def test_changing_one_variant_reruns_only_its_chain(finished_study, tmp_path):
         "score": 4,
         "tables": 1,
         "plots": 1,
+        "all": 1,
     }
     variants = re.findall(r"wildcards:.*variant=([\w-]+)", result.stdout)
     assert len(variants) == 18 and set(variants) == {"w8-language"}
