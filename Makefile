@@ -17,13 +17,15 @@ $(STAMP): pyproject.toml
 	@command -v java >/dev/null || echo "warning: java not found; METEOR (pycocoevalcap) needs Java 8+ (e.g. apt install openjdk-17-jre-headless)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@# A local CPU wheel if pip is configured with one, else the CPU build from the PyTorch index;
-	@# with a GPU, the default (CUDA) build. Installing torch first stops other packages pulling CUDA.
+	@# A local CPU wheel if pip is configured with one (find-links; its dependencies come with the
+	@# project below), else the CPU build from the PyTorch index; with a GPU, the default (CUDA)
+	@# build. Installing torch first stops other packages pulling the CUDA build.
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(PY) -m pip install --quiet torch==$(TORCH_VERSION); \
 	else \
-		$(PY) -m pip install --quiet --no-index torch==$(TORCH_VERSION) 2>/dev/null || \
-		$(PY) -m pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
+		$(PY) -m pip install --quiet --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null || \
+		$(PY) -m pip install --quiet torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX) \
+			--extra-index-url https://pypi.org/simple; \
 	fi
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
