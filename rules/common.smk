@@ -3,10 +3,11 @@ import re
 
 from snakemake.utils import validate
 
-from vlmopt.study import canonical, check_study, evaluations
+from vlmopt.study import canonical, check_study, evaluations, expand_grids
 
 # Defaults live in the code that uses each setting; the schema only checks.
 validate(config, "../workflow/schemas/config.schema.yaml", set_default=False)
+config["variants"] = {**config["variants"], **expand_grids(config)}
 check_study(config)
 # Sorted keys everywhere: reordering a study file's keys must not change any job's params.
 _sorted_config = canonical(config)
@@ -42,7 +43,7 @@ wildcard_constraints:
     model=_alternatives(config["models"]),
     ft=_alternatives(set(config.get("finetune", {})) | {"none"}),
     trained=_alternatives(set(config.get("finetune", {})) - {"none"}),
-    variant=_alternatives(config["variants"]),
+    variant="[a-z0-9_-]+",
     task="captioning|vqa",
     split="train|val|test",
 

@@ -4,7 +4,9 @@ A model is described to the compressors as an ``nn.Module`` plus ``parts``: for 
 (``vision``, ``bridge``, ``language``) the ordered list of its transformer layers as
 ``(full dotted name, layer module)``. A step selects by ``part``, by ``position`` within the
 part's layer list (thirds, as in the BLIP-2 grid study: ``[0, n//3)``, ``[n//3, 2n//3)``,
-``[2n//3, n)``) and by ``role`` of the Linear inside its layer (``attention`` or ``mlp``).
+``[2n//3, n)``) and by ``role`` of the Linear inside its layer (``attention``, which is
+``self_attention`` plus ``cross_attention``, or ``mlp``). Each of the three may also be a list,
+meaning the union (``position: [first, last]``).
 
 Linear modules outside the listed layers (patch or token embeddings, the LM head,
 ``language_projection``) are never selected by ``part``/``position``/``role``; a step reaches them
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,7 +47,7 @@ __all__ = [
 PARTS = ("vision", "bridge", "language")
 PART_CHOICES = (*PARTS, "all")
 POSITIONS = ("first", "middle", "last", "all")
-ROLES = ("attention", "mlp", "both")
+ROLES = ("attention", "self_attention", "cross_attention", "mlp", "both")
 #: Part name given to modules outside every listed layer (embeddings, heads, projections).
 OTHER = "other"
 
@@ -170,39 +172,57 @@ def _match_name(pattern: str, name: str) -> bool:
     return pattern == name
 
 
+def _choices(key: str, value: str | Sequence[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``value`` (one choice or a list of them) as a tuple, each checked against ``allowed``."""
+    values = (value,) if isinstance(value, str) else tuple(value)
+    if not values:
+        raise ValueError(f"{key}=[] selects nothing; choose one or more of {', '.join(allowed)}")
+    for v in values:
+        if not isinstance(v, str) or v not in allowed:
+            raise ValueError(f"{key}={v!r} is not allowed; choose one or more of {', '.join(allowed)}")
+    return values
+
+
+def _role_matches(wanted: tuple[str, ...], role: str, attention_kind: str | None) -> bool:
+    for w in wanted:
+        if w == "both" or w == role or (role == "attention" and w == f"{attention_kind}_attention"):
+            return True
+    return False
+
+
 def select_modules(
     model: nn.Module,
     parts: Parts,
     *,
-    part: str,
-    position: str = "all",
-    role: str = "both",
+    part: str | Sequence[str],
+    position: str | Sequence[str] = "all",
+    role: str | Sequence[str] = "both",
     modules: Iterable[str] = (),
 ) -> list[ModuleRef]:
     """Linear modules in the layers of ``part`` at ``position`` with ``role``, plus named ``modules``.
 
+    ``part``, ``position`` and ``role`` are each one choice or a list of choices (their union).
     Order: parts in pipeline order, layers in list order, modules in definition order, then the
     explicitly named modules outside that selection in model order. Raises
     :class:`NothingSelectedError` if the part selection is empty or a ``modules`` entry matches no
     Linear module.
     """
-    if part not in PART_CHOICES:
-        raise ValueError(f"part={part!r} is not allowed; choose one of {', '.join(PART_CHOICES)}")
-    if position not in POSITIONS:
-        raise ValueError(f"position={position!r} is not allowed; choose one of {', '.join(POSITIONS)}")
-    if role not in ROLES:
-        raise ValueError(f"role={role!r} is not allowed; choose one of {', '.join(ROLES)}")
+    part_values = _choices("part", part, PART_CHOICES)
+    position_values = _choices("position", position, POSITIONS)
+    role_values = _choices("role", role, ROLES)
     check_parts(model, parts)
 
     selected: list[ModuleRef] = []
-    for part_name in PARTS if part == "all" else (part,):
+    wanted_parts = PARTS if "all" in part_values else part_values
+    for part_name in (p for p in PARTS if p in wanted_parts):
         layers = parts.get(part_name) or []
         n = len(layers)
-        for index in position_range(position, n):
+        indices = sorted({i for p in position_values for i in position_range(p, n)})
+        for index in indices:
             layer_name, layer = layers[index]
             for local, linear in _layer_linears(layer):
                 module_role = role_of(local)
-                if role != "both" and module_role != role:
+                if not _role_matches(role_values, module_role, attention_kind_of(local)):
                     continue
                 selected.append(
                     ModuleRef(
@@ -217,7 +237,8 @@ def select_modules(
                 )
     if not selected:
         raise NothingSelectedError(
-            f"no Linear module matches part={part!r}, position={position!r}, role={role!r}; "
+            f"no Linear module matches part={_show(part_values)}, position={_show(position_values)}, "
+            f"role={_show(role_values)}; "
             f"the model has {_describe_parts(parts)}"
         )
 
@@ -267,9 +288,9 @@ class SelectionSpec:
 
     method: ClassVar[str] = ""
 
-    part: str
-    position: str = "all"
-    role: str = "both"
+    part: str | tuple[str, ...]
+    position: str | tuple[str, ...] = "all"
+    role: str | tuple[str, ...] = "both"
     modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -329,7 +350,16 @@ def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
+def _show(values: tuple[str, ...]) -> str:
+    return repr(values[0]) if len(values) == 1 else repr(list(values))
+
+
 def _choice(config: SelectionSpec, key: str, allowed: tuple[str, ...]) -> None:
+    """Check one selector (a choice or a list of choices); lists are stored as tuples."""
     value = getattr(config, key)
-    if value not in allowed:
-        raise ValueError(f"{config._label()}{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    try:
+        values = _choices(key, value, allowed)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{config._label()}{err}") from None
+    if not isinstance(value, str):
+        object.__setattr__(config, key, values)
