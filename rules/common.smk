@@ -88,6 +88,18 @@ def variant_steps(wildcards):
     return config["variants"][wildcards.variant]
 
 
+def calibration_inputs(wildcards):
+    """Split tables and images of the datasets that the variant's steps calibrate on."""
+    inputs = {}
+    for i, step in enumerate(config["variants"][wildcards.variant]):
+        calibration = step.get("calibration")
+        if calibration:
+            dataset, split = calibration["dataset"], calibration.get("split", "train")
+            inputs[f"calibration_{i}"] = f"resources/data/{dataset}/{split}.parquet"
+            inputs[f"calibration_images_{i}"] = f"resources/data/{dataset}/images"
+    return inputs
+
+
 def split_inputs(wildcards):
     return {
         "table": f"resources/data/{wildcards.dataset}/{INFERENCE['split']}.parquet",

@@ -1,5 +1,6 @@
 rule compress:
     input:
+        unpack(calibration_inputs),
         model=finetuned_model,
     output:
         directory("results/models/{model}/{ft}/{variant}"),

@@ -20,6 +20,21 @@ def _json(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
 
 
+def _steps(text: str) -> list:
+    """A list of step mappings from a YAML/JSON file path or inline JSON/YAML text."""
+    import yaml
+
+    path = Path(text)
+    try:
+        source = path.read_text() if path.is_file() else text
+        steps = yaml.safe_load(source)
+    except (OSError, yaml.YAMLError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read steps from {text!r}: {exc}") from exc
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise argparse.ArgumentTypeError(f"steps must be a list of mappings, got {type(steps).__name__} from {text!r}")
+    return steps
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmopt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vlmopt {__version__}")
@@ -47,9 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("compress", help="apply compression steps and write manifest.json")
-    p.add_argument("model", type=Path)
+    p.add_argument("--model", type=Path, required=True, help="model folder (built, finetuned or downloaded)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=_json, required=True, help='JSON list, e.g. [{"method": "uniform", "bits": 4}]')
+    p.add_argument(
+        "--steps",
+        type=_steps,
+        required=True,
+        help='a YAML or JSON file with a list of steps, or the list inline: \'[{"method": "uniform", ...}]\'',
+    )
+    p.add_argument("--data-root", type=Path, default=Path("resources/data"), help="where calibration datasets live")
 
     p = sub.add_parser("infer", help="predict one shard of a dataset split")
     p.add_argument("model", type=Path)
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
     elif args.stage == "compress":
-        pipeline.compress_model(args.model, args.out, steps=args.steps)
+        pipeline.compress_model(args.model, args.out, steps=args.steps, data_root=args.data_root)
     elif args.stage == "infer":
         settings = {"batch_size": 16, "max_new_tokens": 20, "num_beams": 1} | args.settings
         pipeline.predict_shard(

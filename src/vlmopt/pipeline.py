@@ -100,18 +100,31 @@ def finetune_model(
     return summary
 
 
-def compress_model(model_dir: str | Path, out_dir: str | Path, *, steps: list[dict[str, Any]]) -> dict[str, Any]:
+def compress_model(
+    model_dir: str | Path, out_dir: str | Path, *, steps: list[dict[str, Any]], data_root: str | Path = "resources/data"
+) -> dict[str, Any]:
     """Apply a variant's compression steps and save the model with its ``manifest.json``.
 
-    Runtime steps (dynamic int8) do not survive safetensors: the folder holds the weights they
-    start from, the manifest records them, and :func:`load_variant` re-applies them.
+    Steps with ``calibration: {dataset, split, n, ...}`` calibrate on that split of
+    ``data_root/<dataset>``. Runtime steps (dynamic int8) do not survive safetensors: the folder
+    holds the weights they start from, the manifest records them, and :func:`load_variant`
+    re-applies them.
     """
     from vlmopt.compress import apply_runtime_steps, apply_variant, serialized_size, write_manifest
+    from vlmopt.compress.calibrate import Calibration
     from vlmopt.models import load_model
     from vlmopt.tables import config_hash
 
     loaded = load_model(model_dir)
-    manifest = apply_variant(loaded.model, loaded.parts(), steps, defer_runtime=True)
+
+    def calibration(spec: dict[str, Any]) -> Calibration:
+        root = Path(data_root) / spec["dataset"]
+        table = pd.read_parquet(root / f"{spec['split']}.parquet")
+        return Calibration.from_table(
+            loaded, table, root, n_samples=spec["n"], batch_size=spec["batch_size"], seed=spec["seed"]
+        )
+
+    manifest = apply_variant(loaded.model, loaded.parts(), steps, defer_runtime=True, calibration=calibration)
     out_dir = Path(out_dir)
     loaded.save(out_dir)
     apply_runtime_steps(loaded.model, loaded.parts(), manifest)
@@ -137,14 +150,31 @@ def _folder_digest(folder: str | Path) -> str:
 
 
 def load_variant(model_dir: str | Path, *, dtype: str | None = None):
-    """Load a compressed model folder, re-applying its runtime steps (dynamic int8) from the manifest."""
-    from vlmopt.compress import apply_runtime_steps
+    """Load a compressed model folder: restore factorized layers (SVD), then re-apply runtime steps.
+
+    Both come from the folder's manifest: ``from_pretrained`` builds the original dense
+    architecture, so low-rank layers are rebuilt and their factors loaded from the folder, and
+    runtime steps (dynamic int8) are applied to the loaded float weights.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from vlmopt.compress import apply_runtime_steps, restore_structure
     from vlmopt.models import load_model
 
-    loaded = load_model(model_dir, dtype=dtype)
     manifest_path = Path(model_dir) / "manifest.json"
-    if manifest_path.is_file():
-        apply_runtime_steps(loaded.model, loaded.parts(), json.loads(manifest_path.read_text()))
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    factorized = manifest is not None and any(s.get("method") == "svd" for s in manifest.get("steps", []))
+    level = hf_logging.get_verbosity()
+    if factorized:
+        # The dense weights of factorized layers are missing by design; restore_structure loads them.
+        hf_logging.set_verbosity_error()
+    try:
+        loaded = load_model(model_dir, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(level)
+    if manifest is not None:
+        restore_structure(loaded.model, manifest, model_dir)
+        apply_runtime_steps(loaded.model, loaded.parts(), manifest)
     return loaded
 
 

@@ -184,9 +184,17 @@ def check_variant_steps(config: dict[str, Any]) -> None:
     """Validate every variant step's settings with its method's config (unknown keys, bad values)."""
     from vlmopt.compress import parse_step
 
+    datasets = _names(config, "datasets")
     for slug, steps in (config.get("variants") or {}).items():
         for i, step in enumerate(steps):
             try:
-                parse_step(step)
+                method, parsed = parse_step(step)
             except (ValueError, TypeError) as exc:
                 raise StudyError(f"variants.{slug}[{i}]: {exc}") from exc
+            if method.calibrated:
+                dataset = (parsed.calibration or {}).get("dataset")
+                if dataset not in datasets:
+                    raise StudyError(
+                        f"variants.{slug}[{i}].calibration.dataset: {dataset!r} is not a dataset; "
+                        f"a {parsed.method} step calibrates on one of {sorted(datasets)}"
+                    )

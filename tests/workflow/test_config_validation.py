@@ -34,3 +34,20 @@ def test_bad_config_names_the_key(workdir, change, expected):
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
     assert not (workdir / "resources").exists()
+
+
+def test_calibrated_variant_takes_its_split_as_input(workdir):
+    step = {"method": "gptq", "bits": 4, "part": "language", "calibration": {"dataset": "shapes", "split": "val"}}
+    configfile = _edit(workdir, lambda c: c["variants"].update({"gptq-w4": [step]}))
+    result = run_snakemake(workdir, "--dry-run", configfile=configfile)
+    assert result.returncode == 0, result.stderr
+    blocks = [b for b in result.stdout.split("rule compress:")[1:] if "variant=gptq-w4" in b]
+    assert blocks and all("resources/data/shapes/val.parquet" in b.split("output:")[0] for b in blocks)
+
+
+def test_calibration_on_an_undefined_dataset_names_the_key(workdir):
+    step = {"method": "awq", "bits": 4, "part": "language", "calibration": {"dataset": "coco"}}
+    configfile = _edit(workdir, lambda c: c["variants"].update({"awq-w4": [step]}))
+    result = run_snakemake(workdir, "--dry-run", configfile=configfile)
+    assert result.returncode != 0
+    assert "variants.awq-w4[0].calibration.dataset: 'coco' is not a dataset" in result.stdout + result.stderr

@@ -1,16 +1,32 @@
 """Compression methods, the module selector they share, and the manifest of what they changed.
 
-Entry points: :func:`apply_variant` runs a list of step dicts on a model described by its
+Entry points: :func:`compress` applies a list of step dicts to a loaded model and returns its
+:class:`Manifest`; :func:`apply_variant` runs a list of step dicts on a model described by its
 ``parts`` and returns the manifest; :func:`apply_runtime_steps` re-applies runtime steps (such
 as ``dynamic_int8``) after a compressed model folder is loaded; :func:`write_manifest` and
-:func:`serialized_size` finish the compressed folder.
+:func:`serialized_size` finish the compressed folder; :func:`restore_structure` rebuilds SVD
+factorizations on a model loaded from such a folder (before the runtime steps).
 """
 
 from __future__ import annotations
 
+from vlmopt.compress.api import Manifest, compress
+from vlmopt.compress.awq import AWQResult, awq_quantize, awq_quantize_weight
+from vlmopt.compress.calibrate import Calibration
+from vlmopt.compress.calibrated import AWQConfig, GPTQConfig
 from vlmopt.compress.dynamic_int8 import DynamicInt8Config
+from vlmopt.compress.gptq import GPTQCholeskyError, GPTQResult, HessianAccumulator, gptq_quantize, gptq_quantize_weight
 from vlmopt.compress.manifest import serialized_size, write_manifest
-from vlmopt.compress.quant import QuantSpec, choose_qparams, dequantize, fake_quantize, quantize
+from vlmopt.compress.prune import PruneLayersConfig, refresh_parts
+from vlmopt.compress.quant import (
+    QuantSpec,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+    rtn_quantize_weight,
+    weight_quant_spec,
+)
 from vlmopt.compress.select import (
     PARTS,
     ModuleRef,
@@ -20,6 +36,7 @@ from vlmopt.compress.select import (
     role_of,
     select_modules,
 )
+from vlmopt.compress.svd import LowRankLinear, SVDConfig, rank_from_ratio, restore_structure
 from vlmopt.compress.uniform import UniformConfig
 from vlmopt.compress.variant import (
     METHODS,
@@ -31,14 +48,32 @@ from vlmopt.compress.variant import (
 )
 
 __all__ = [
+    "AWQConfig",
+    "AWQResult",
+    "Calibration",
+    "GPTQCholeskyError",
+    "GPTQConfig",
+    "GPTQResult",
+    "HessianAccumulator",
+    "Manifest",
+    "awq_quantize",
+    "awq_quantize_weight",
+    "compress",
+    "gptq_quantize",
+    "gptq_quantize_weight",
+    "rtn_quantize_weight",
+    "weight_quant_spec",
     "METHODS",
     "PARTS",
     "RUNTIME_METHODS",
     "DynamicInt8Config",
+    "LowRankLinear",
     "Method",
     "ModuleRef",
     "NothingSelectedError",
+    "PruneLayersConfig",
     "QuantSpec",
+    "SVDConfig",
     "SelectionSpec",
     "UniformConfig",
     "apply_runtime_steps",
@@ -49,6 +84,9 @@ __all__ = [
     "fake_quantize",
     "parse_step",
     "quantize",
+    "rank_from_ratio",
+    "refresh_parts",
+    "restore_structure",
     "role_of",
     "select_modules",
     "serialized_size",

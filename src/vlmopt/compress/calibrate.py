@@ -160,6 +160,4 @@ def capture_layer_inputs(
 def _on_device(batches: list[dict[str, torch.Tensor]], model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     param = next(model.parameters())
     for batch in batches:
-        yield {
-            k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()
-        }
+        yield {k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}

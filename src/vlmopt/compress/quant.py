@@ -34,6 +34,8 @@ __all__ = [
     "fake_quantize",
     "quant_range",
     "quantize",
+    "rtn_quantize_weight",
+    "weight_quant_spec",
 ]
 
 GRANULARITIES = ("per_channel", "per_tensor", "group")
@@ -148,3 +150,46 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``dequantize(quantize(w))`` in ``w``'s dtype: the weight a real quantized kernel would see."""
     scale, zero_point = choose_qparams(w, spec)
     return dequantize(quantize(w, scale, zero_point, spec), scale, zero_point, spec, dtype=w.dtype)
+
+
+def weight_quant_spec(
+    weight: torch.Tensor, *, bits: int, group_size: int | None = None, sym: bool = False
+) -> QuantSpec:
+    """Check the arguments shared by the weight-only quantizers (RTN, GPTQ, AWQ) and build their spec.
+
+    ``weight`` must be a 2-D floating tensor shaped (out_features, in_features). ``group_size=None``
+    means one scale per output row; otherwise ``group_size`` must be a positive integer dividing
+    ``in_features``, so every group is a full group (as GPTQ and AWQ kernels expect).
+    """
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D tensor (out_features, in_features), got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got dtype {weight.dtype}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight is empty: shape {tuple(weight.shape)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits!r} is not allowed; weight quantization uses 2..8 bits")
+    if not isinstance(sym, bool):
+        raise ValueError(f"sym must be true or false, got {sym!r}")
+    if group_size is None:
+        return QuantSpec(bits, "per_channel", symmetric=sym)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+    in_features = weight.shape[1]
+    if in_features % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+    return QuantSpec(bits, "group", group_size=group_size, symmetric=sym)
+
+
+def rtn_quantize_weight(
+    weight: torch.Tensor, *, bits: int, group_size: int | None = None, sym: bool = False
+) -> torch.Tensor:
+    """Round-to-nearest fake quantization of a linear weight (out_features, in_features).
+
+    One min-max scale per output row when ``group_size`` is None, else per ``group_size``
+    consecutive input columns of each row. Returns the dequantized weight in ``weight``'s dtype,
+    the baseline that GPTQ and AWQ are measured against.
+    """
+    spec = weight_quant_spec(weight, bits=bits, group_size=group_size, sym=sym)
+    return fake_quantize(weight, spec)

@@ -7,6 +7,12 @@ handler changes them and reports per-module details. Steps that hold weights in 
 model cannot store (``runtime`` methods such as ``dynamic_int8``) must come last; they are
 listed in the manifest's ``runtime_steps`` and re-applied after loading with
 :func:`apply_runtime_steps`.
+
+``structural`` methods (``svd``, ``prune_layers``) change the model's structure rather than its
+weight values; their handlers also receive ``parts`` and return a step summary, the step entry
+records the model's parameter count before and after, later steps see the layers as they are
+after the change, and the manifest's parameter totals and nominal size count the parameters as
+they are at the end (removed parameters count zero).
 """
 
 from __future__ import annotations
@@ -19,9 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmopt.compress.calibrate import Calibration
+from vlmopt.compress.calibrated import AWQConfig, GPTQConfig, apply_awq, apply_gptq
 from vlmopt.compress.dynamic_int8 import DynamicInt8Config, apply_dynamic_int8, torchao_version
-from vlmopt.compress.manifest import build_manifest, param_inventory
+from vlmopt.compress.manifest import ParamInfo, build_manifest, param_inventory
+from vlmopt.compress.prune import PruneLayersConfig, apply_prune_layers, final_name, refresh_parts
 from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec, check_parts
+from vlmopt.compress.svd import SVDConfig, apply_svd
 from vlmopt.compress.uniform import UniformConfig, apply_uniform
 
 __all__ = ["METHODS", "RUNTIME_METHODS", "Method", "apply_runtime_steps", "apply_variant", "parse_step"]
@@ -45,6 +55,11 @@ class Method:
     runtime: bool
     #: Library versions that determine the result, recorded in the manifest.
     backend: Callable[[], dict[str, str]] = dict
+    #: True when the step changes the structure (parameter count); the handler then also takes
+    #: ``parts`` and returns ``(per-module details, step summary)``.
+    structural: bool = False
+    #: True when the handler needs calibration data; it then takes ``parts=`` and ``calibration=``.
+    calibrated: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -57,6 +72,13 @@ METHODS: dict[str, Method] = {
         runtime=True,
         backend=lambda: {"torchao": torchao_version()},
     ),
+    # Not quantization: weights keep their dtype (the handlers record each module's dtype width).
+    "svd": Method(SVDConfig, apply_svd, bits=lambda c: 32, simulated=False, runtime=False, structural=True),
+    "prune_layers": Method(
+        PruneLayersConfig, apply_prune_layers, bits=lambda c: 32, simulated=False, runtime=False, structural=True
+    ),
+    "gptq": Method(GPTQConfig, apply_gptq, bits=lambda c: c.bits, simulated=True, runtime=False, calibrated=True),
+    "awq": Method(AWQConfig, apply_awq, bits=lambda c: c.bits, simulated=True, runtime=False, calibrated=True),
 }
 
 #: Names of the methods whose result is re-applied at load time instead of saved.
@@ -105,11 +127,22 @@ def _run_step(
     *,
     apply: bool,
     refs: list[ModuleRef] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     if refs is None:
         refs = config.select(model, parts)
     _check_weights(model, refs, config.method)
-    details = method.handler(model, refs, config) if apply else {}
+    structure = None
+    if not apply:
+        details = {}
+    elif method.structural:
+        params_before = _count_params(model)
+        details, summary = method.handler(model, refs, config, parts)
+        structure = {**summary, "params_before": params_before, "params_after": _count_params(model)}
+    elif method.calibrated:
+        details = method.handler(model, refs, config, parts=parts, calibration=calibration)
+    else:
+        details = method.handler(model, refs, config)
     bits = method.bits(config)
     modules = [{**ref.record(), "bits": bits, **details.get(ref.name, {})} for ref in refs]
     entry = {
@@ -122,12 +155,21 @@ def _run_step(
         "modules": modules,
         "backend": method.backend(),
     }
+    if structure is not None:
+        entry["structure"] = structure
+    if calibration is not None:
+        entry["calibration"] = {**calibration.description, "settings": getattr(config, "calibration", None)}
     log.info("%s: %d modules in %s", config.method, len(refs), sorted({r.part for r in refs}))
     return entry
 
 
 def apply_variant(
-    model: nn.Module, parts: Parts, steps: list[Mapping[str, Any]], *, defer_runtime: bool = False
+    model: nn.Module,
+    parts: Parts,
+    steps: list[Mapping[str, Any]],
+    *,
+    defer_runtime: bool = False,
+    calibration: Calibration | Callable[[dict[str, Any]], Calibration] | None = None,
 ) -> dict[str, Any]:
     """Apply ``steps`` to ``model`` in place, in order, and return the manifest dict.
 
@@ -136,6 +178,9 @@ def apply_variant(
     nothing) leaves the model partly changed, so discard it. With ``defer_runtime=True`` the
     runtime steps are selected and recorded but not applied, so the caller can save the float
     weights first and then call :func:`apply_runtime_steps`.
+
+    ``calibration`` serves the calibrated methods (GPTQ, AWQ): a :class:`Calibration`, or a
+    function from a step's calibration settings (``{dataset, split, n, batch_size, seed}``) to one.
     """
     if isinstance(steps, Mapping) or isinstance(steps, str):
         raise ValueError("steps must be a list of step mappings")
@@ -153,17 +198,88 @@ def apply_variant(
             raise ValueError(
                 f"{config.method} comes after the runtime step {seen_runtime}; runtime steps must come last"
             )
+    if calibration is None:
+        needy = [i for i, (method, _) in enumerate(parsed) if method.calibrated]
+        if needy:
+            raise ValueError(
+                f"step {needy[0]}: {parsed[needy[0]][1].method} needs calibration data, and none was given"
+            )
     check_parts(model, parts)
     inventory = param_inventory(model, parts)
     entries = []
     for index, (method, config) in enumerate(parsed):
         apply = not (method.runtime and defer_runtime)
+        data = None
+        if method.calibrated and apply:
+            if isinstance(calibration, Calibration):
+                data = calibration
+            elif not config.calibration:
+                raise ValueError(
+                    f"step {index}: {config.method} needs calibration settings such as "
+                    "calibration: {dataset: shapes, split: train, n: 128}"
+                )
+            else:
+                data = calibration(dict(config.calibration))
         try:
-            entries.append(_run_step(model, parts, method, config, apply=apply))
+            entries.append(_run_step(model, parts, method, config, apply=apply, calibration=data))
         except ValueError as err:
             raise type(err)(f"step {index}: {err}") from None
+        if method.structural and apply:
+            parts = refresh_parts(model, parts)
     runtime_steps = [config.to_dict() for method, config in parsed if method.runtime]
+    if any(method.structural for method, _ in parsed):
+        return _structural_manifest(model, parts, entries, runtime_steps)
     return build_manifest(inventory, parts, entries, runtime_steps)
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+#: Name prefix, in the accounting only, of modules that a later step removed.
+_REMOVED = "<removed>"
+
+
+def _inner_linears(model: nn.Module, name: str) -> list[str]:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return []
+    return [f"{name}.{local}" for local, m in module.named_modules() if local and isinstance(m, nn.Linear)]
+
+
+def _structural_manifest(
+    model: nn.Module, parts: Parts, entries: list[dict[str, Any]], runtime_steps: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The manifest of a variant with structural steps, counting the parameters as they are at the end.
+
+    Step entries keep the module names as they were when each step ran. For the accounting, each
+    recorded module is followed to its final name (layers renamed by a later ``prune_layers``);
+    dropped modules count zero elements and a factorized module (``svd``) counts as the Linear
+    modules that now hold its weight, so totals, nominal size and ``changed_modules`` describe the
+    final model.
+    """
+    inventory = param_inventory(model, parts)
+    accounting = []
+    for index, entry in enumerate(entries):
+        records = []
+        for record in entry["modules"]:
+            name = final_name(record["name"], entries[index:])
+            if name is None:
+                name = f"{_REMOVED}{index}:{record['name']}"
+            weight = f"{name}.weight"
+            if weight not in inventory:
+                # A factorized module: its weights now live in the Linear modules inside it.
+                inner = _inner_linears(model, name)
+                if inner:
+                    records.extend({**record, "name": inner_name} for inner_name in inner)
+                    continue
+                inventory[weight] = ParamInfo(numel=0, dtype_bits=int(record["bits"]), part=record["part"])
+            records.append({**record, "name": name})
+        accounting.append({**entry, "modules": records})
+    manifest = build_manifest(inventory, parts, accounting, runtime_steps)
+    changed = [m for m in manifest["changed_modules"] if not m["name"].startswith(_REMOVED)]
+    return {**manifest, "steps": entries, "changed_modules": changed, "n_changed_modules": len(changed)}
 
 
 def apply_runtime_steps(model: nn.Module, parts: Parts, manifest: Mapping[str, Any]) -> list[list[str]]:

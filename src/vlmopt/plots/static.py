@@ -15,8 +15,24 @@ __all__ = ["MAIN_METRIC", "quality_vs_size", "task_bars"]
 #: The headline metric of each task, with its axis label.
 MAIN_METRIC = {"captioning": ("CIDEr", "CIDEr"), "vqa": ("vqa_accuracy", "VQA accuracy (%)")}
 
-# Okabe-Ito: distinguishable with the common colour-vision deficiencies.
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+# Okabe-Ito first: distinguishable with the common colour-vision deficiencies.
+PALETTE = [
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#CC79A7",
+    "#56B4E9",
+    "#F0E442",
+    "#000000",
+    # Beyond eight variants: Paul Tol's muted scheme, also colour-blind safe.
+    "#882255",
+    "#44AA99",
+    "#999933",
+    "#AA4499",
+    "#332288",
+    "#DDCC77",
+]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 

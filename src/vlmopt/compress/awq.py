@@ -1,0 +1,234 @@
+"""AWQ (activation-aware weight quantization) of one linear layer, as pure tensor functions.
+
+AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration", MLSys 2024, https://arxiv.org/abs/2306.00978) protects the weights that meet large
+activations by scaling input channel ``j`` of the weight by ``s_j`` before quantization and
+dividing the input by ``s_j`` (folded into the preceding norm or linear layer), so the layer
+computes ``(x / s) @ Q(W * s)^T``. As in the reference implementation:
+
+- ``s = x_mean^alpha`` with ``x_mean`` the mean of ``|x|`` per input channel over the calibration
+  tokens, normalised by ``sqrt(max(s) * min(s))``; ``alpha`` is searched over
+  ``0, 1/n_grid, ..., (n_grid - 1)/n_grid`` (``alpha = 0`` is plain round-to-nearest) and the one
+  with the smallest output MSE against the float layer is kept (:func:`awq_search_scale`);
+- optionally (``clip``), each group's range of the scaled weight is shrunk to
+  ``[-r * max|w|, r * max|w|]`` for ``r`` in ``1, 1 - 1/n, ..., 1 - max_shrink + 1/n`` and the
+  ``r`` with the smallest error of that group's share of the output kept
+  (:func:`awq_search_clip`, the reference's ``auto_clip``; it skips q/k projections, which is the
+  caller's choice).
+
+Weights are quantized asymmetrically with an integer zero point, per group of ``group_size``
+input columns, on the grid of :mod:`vlmopt.compress.quant`. Several linears that read the same
+input (q/k/v, or fc1 of a gated MLP) share one ``s``: search it on their weights concatenated
+along dim 0. :func:`awq_quantize_weight` returns the effective weight ``Q(W * s) / s``, so
+``inputs @ W'.T`` is what the scaled layer computes without any folding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .quant import QuantSpec, fake_quantize, weight_quant_spec
+
+__all__ = [
+    "AWQResult",
+    "awq_quantize",
+    "awq_quantize_weight",
+    "awq_search_clip",
+    "awq_search_scale",
+]
+
+# Floor of x_mean^alpha before normalisation, as in the reference implementation.
+_MIN_SCALE = 1e-4
+
+
+@dataclass(frozen=True)
+class AWQResult:
+    """What :func:`awq_quantize` chose.
+
+    ``weight`` is ``Q(clip(W * s)) / s`` in the input weight's dtype. ``scales`` (in_features,) is
+    ``s``: the preceding op's output is divided by it and the weight multiplied by it. ``losses``
+    holds the output MSE for each ``alpha`` of the grid, ``loss`` the best of them (before
+    clipping). ``clip_max`` (out_features, n_groups) is the bound applied to ``|W * s|`` per
+    group, or None without ``clip``.
+    """
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    alpha: float
+    loss: float
+    losses: tuple[float, ...]
+    clip_max: torch.Tensor | None
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``inputs`` as (n_tokens, in_features) in the compute dtype, or ValueError."""
+    columns = weight.shape[1]
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or inputs.shape[-1] != columns:
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise ValueError(f"inputs must be shaped (n_tokens, in_features={columns}), got {shape}")
+    if not inputs.is_floating_point():
+        raise ValueError(f"inputs must be floating point, got dtype {inputs.dtype}")
+    if inputs.numel() == 0:
+        raise ValueError("inputs hold no tokens")
+    return inputs.detach().reshape(-1, columns).to(device=weight.device, dtype=_compute_dtype(weight))
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _quantize_scaled(w: torch.Tensor, spec: QuantSpec, clip_max: torch.Tensor | None) -> torch.Tensor:
+    """Fake-quantize the scaled weight ``w``, clamping each group to ``[-clip_max, clip_max]`` first."""
+    if clip_max is not None:
+        rows, columns = w.shape
+        groups = clip_max.shape[1]
+        bound = clip_max.unsqueeze(-1)
+        w = torch.clamp(w.reshape(rows, groups, columns // groups), -bound, bound).reshape(rows, columns)
+    return fake_quantize(w, spec)
+
+
+def awq_search_scale(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int | None = 128,
+    n_grid: int = 20,
+) -> tuple[torch.Tensor, float, tuple[float, ...]]:
+    """Per-input-channel scales ``s`` minimising the output MSE of ``Q(W * s) / s`` on ``inputs``.
+
+    Returns ``(s, alpha, losses)`` with ``s`` shaped (in_features,) in the compute dtype and
+    ``losses`` the MSE for each ``alpha`` in ``0, 1/n_grid, ..., (n_grid - 1)/n_grid``.
+    """
+    spec = weight_quant_spec(weight, bits=bits, group_size=group_size, sym=False)
+    _check_positive_int("n_grid", n_grid)
+    x = _check_inputs(weight, inputs)
+    w = weight.detach().to(_compute_dtype(weight))
+    x_mean = x.abs().mean(dim=0)
+    reference = x @ w.T
+    best: tuple[float, float, torch.Tensor] | None = None
+    losses = []
+    for step in range(n_grid):
+        alpha = step / n_grid
+        s = x_mean.pow(alpha).clamp(min=_MIN_SCALE)
+        s = s / torch.sqrt(s.max() * s.min())
+        effective = fake_quantize(w * s, spec) / s
+        loss = float((x @ effective.T - reference).pow(2).mean())
+        losses.append(loss)
+        if best is None or loss < best[0]:
+            best = (loss, alpha, s)
+    assert best is not None
+    return best[2], best[1], tuple(losses)
+
+
+def awq_search_clip(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int | None = 128,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    max_tokens: int = 512,
+    rows_per_chunk: int = 256,
+) -> torch.Tensor:
+    """Per-group bound on ``|weight|`` that minimises each group's share of the output error.
+
+    ``weight`` and ``inputs`` are the already scaled ones (``W * s`` and ``x / s``). Tries bounds
+    ``r * max|w|`` for ``r = 1 - i/n_grid``, ``i < max_shrink * n_grid``, on at most ``max_tokens``
+    evenly strided tokens, and returns the best bound per (output row, group), shaped
+    (out_features, n_groups).
+    """
+    weight_quant_spec(weight, bits=bits, group_size=group_size, sym=False)
+    _check_positive_int("n_grid", n_grid)
+    _check_positive_int("max_tokens", max_tokens)
+    _check_positive_int("rows_per_chunk", rows_per_chunk)
+    if isinstance(max_shrink, bool) or not isinstance(max_shrink, int | float) or not 0 <= max_shrink < 1:
+        raise ValueError(f"max_shrink must be a number in [0, 1), got {max_shrink!r}")
+    x = _check_inputs(weight, inputs)
+    x = x[:: max(1, x.shape[0] // max_tokens)][:max_tokens]
+    rows, columns = weight.shape
+    g = columns if group_size is None else group_size
+    n_groups = columns // g
+    group_spec = QuantSpec(bits, "per_channel", symmetric=False)
+    xg = x.reshape(-1, n_groups, g).transpose(0, 1)  # (groups, tokens, g)
+    w_all = weight.detach().to(x.dtype).reshape(rows, n_groups, g)
+    n_steps = max(1, math.ceil(max_shrink * n_grid))
+    result = torch.empty(rows, n_groups, dtype=x.dtype, device=x.device)
+    for r1 in range(0, rows, rows_per_chunk):
+        w = w_all[r1 : r1 + rows_per_chunk]  # (c, groups, g)
+        c = w.shape[0]
+        reference = torch.bmm(xg, w.permute(1, 2, 0))  # (groups, tokens, c)
+        abs_max = w.abs().amax(dim=-1, keepdim=True)
+        best_max = abs_max.clone()
+        best_err = torch.full((c, n_groups, 1), math.inf, dtype=x.dtype, device=x.device)
+        for step in range(n_steps):
+            bound = abs_max * (1 - step / n_grid)
+            q = fake_quantize(torch.clamp(w, -bound, bound).reshape(c * n_groups, g), group_spec)
+            out = torch.bmm(xg, q.reshape(c, n_groups, g).permute(1, 2, 0))
+            err = (out - reference).pow(2).mean(dim=1).T.unsqueeze(-1)  # (c, groups, 1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, bound, best_max)
+        result[r1 : r1 + c] = best_max.squeeze(-1)
+    return result
+
+
+def awq_quantize(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int | None = 128,
+    n_grid: int = 20,
+    clip: bool = False,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> AWQResult:
+    """AWQ scale search (and optional clip search) for ``weight`` (out_features, in_features).
+
+    ``inputs`` are calibration inputs (n_tokens, in_features) or (..., in_features). See
+    :class:`AWQResult`; the model-level code folds ``scales`` into the preceding op and quantizes
+    ``clip(W * scales)``.
+    """
+    spec = weight_quant_spec(weight, bits=bits, group_size=group_size, sym=False)
+    if not isinstance(clip, bool):
+        raise ValueError(f"clip must be true or false, got {clip!r}")
+    x = _check_inputs(weight, inputs)
+    s, alpha, losses = awq_search_scale(weight, x, bits=bits, group_size=group_size, n_grid=n_grid)
+    w_scaled = weight.detach().to(s.dtype) * s
+    clip_max = None
+    if clip:
+        clip_max = awq_search_clip(
+            w_scaled, x / s, bits=bits, group_size=group_size, n_grid=clip_grid, max_shrink=max_shrink
+        )
+    effective = _quantize_scaled(w_scaled, spec, clip_max) / s
+    return AWQResult(
+        weight=effective.to(weight.dtype),
+        scales=s,
+        alpha=alpha,
+        loss=min(losses),
+        losses=losses,
+        clip_max=clip_max,
+    )
+
+
+def awq_quantize_weight(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int | None = 128,
+    n_grid: int = 20,
+    clip: bool = False,
+) -> torch.Tensor:
+    """AWQ effective weight ``Q(clip(W * s)) / s`` in ``weight``'s dtype (see :func:`awq_quantize`)."""
+    return awq_quantize(weight, inputs, bits=bits, group_size=group_size, n_grid=n_grid, clip=clip).weight
