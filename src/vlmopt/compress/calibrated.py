@@ -133,6 +133,11 @@ def _run_layers(
         layer = model.get_submodule(layer_name) if layer_name is not None else None
         details.update(quantize_group(layer, group))
         log.info("quantized layer %d of %d (%s)", index + 1, len(groups), layer_name or group[0].name)
+    unchanged = [name for name, d in details.items() if d["elements_changed"] == 0]
+    if len(unchanged) == len(details):
+        raise ValueError("the step changed no weight element: every selected weight was already on its grid")
+    for name in unchanged:
+        log.warning("%s: no weight element changed (already on the quantization grid)", name)
     return details
 
 
