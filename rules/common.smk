@@ -3,6 +3,7 @@ import re
 
 from snakemake.utils import validate
 
+from vlmopt.compress import step_datasets
 from vlmopt.study import canonical, check_study, evaluations, expand_grids
 
 # Defaults live in the code that uses each setting; the schema only checks.
@@ -89,12 +90,10 @@ def variant_steps(wildcards):
 
 
 def calibration_inputs(wildcards):
-    """Split tables and images of the datasets that the variant's steps calibrate on."""
+    """Split tables and images of the datasets that the variant's steps calibrate or train on."""
     inputs = {}
     for i, step in enumerate(config["variants"][wildcards.variant]):
-        calibration = step.get("calibration")
-        if calibration:
-            dataset, split = calibration["dataset"], calibration.get("split", "train")
+        for dataset, split in step_datasets(step):
             inputs[f"calibration_{i}"] = f"resources/data/{dataset}/{split}.parquet"
             inputs[f"calibration_images_{i}"] = f"resources/data/{dataset}/images"
     return inputs

@@ -110,7 +110,15 @@ def compress_model(
     holds the weights they start from, the manifest records them, and :func:`load_variant`
     re-applies them.
     """
-    from vlmopt.compress import apply_runtime_steps, apply_variant, serialized_size, write_manifest
+    from vlmopt.compress import (
+        TrainingData,
+        apply_runtime_steps,
+        apply_variant,
+        restore_adapters,
+        save_adapters,
+        serialized_size,
+        write_manifest,
+    )
     from vlmopt.compress.calibrate import Calibration
     from vlmopt.models import load_model
     from vlmopt.tables import config_hash
@@ -124,9 +132,18 @@ def compress_model(
             loaded, table, root, n_samples=spec["n"], batch_size=spec["batch_size"], seed=spec["seed"]
         )
 
-    manifest = apply_variant(loaded.model, loaded.parts(), steps, defer_runtime=True, calibration=calibration)
+    def training(spec: dict[str, Any]) -> TrainingData:
+        root = Path(data_root) / spec["dataset"]
+        return TrainingData(loaded, pd.read_parquet(root / f"{spec['split']}.parquet"), root)
+
+    manifest = apply_variant(
+        loaded.model, loaded.parts(), steps, defer_runtime=True, calibration=calibration, training=training
+    )
     out_dir = Path(out_dir)
+    # Kept LoRA adapters go to their own files; the folder's model is the base model.
+    save_adapters(loaded.model, out_dir)
     loaded.save(out_dir)
+    restore_adapters(loaded.model, manifest, out_dir)
     apply_runtime_steps(loaded.model, loaded.parts(), manifest)
     write_manifest(
         out_dir / "manifest.json",
@@ -150,7 +167,7 @@ def _folder_digest(folder: str | Path) -> str:
 
 
 def load_variant(model_dir: str | Path, *, dtype: str | None = None):
-    """Load a compressed model folder: restore factorized layers (SVD), then re-apply runtime steps.
+    """Load a compressed model folder: restore pruned heads and factorized layers (SVD), then re-apply runtime steps.
 
     Both come from the folder's manifest: ``from_pretrained`` builds the original dense
     architecture, so low-rank layers are rebuilt and their factors loaded from the folder, and
@@ -158,22 +175,31 @@ def load_variant(model_dir: str | Path, *, dtype: str | None = None):
     """
     from transformers.utils import logging as hf_logging
 
-    from vlmopt.compress import apply_runtime_steps, restore_structure
+    from vlmopt.compress import apply_runtime_steps, restore_adapters, restore_structure
+    from vlmopt.compress.heads import load_head_pruned, restore_pruned_heads
+    from vlmopt.compress.precision import precision_dtype
     from vlmopt.models import load_model
 
     manifest_path = Path(model_dir) / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if dtype is None and manifest is not None:
+        # Not every config class restores a float16 checkpoint as float16 by itself.
+        dtype = precision_dtype(manifest)
     factorized = manifest is not None and any(s.get("method") == "svd" for s in manifest.get("steps", []))
+    heads_pruned = manifest is not None and any(s.get("method") == "prune_heads" for s in manifest.get("steps", []))
     level = hf_logging.get_verbosity()
-    if factorized:
+    if factorized or heads_pruned:
         # The dense weights of factorized layers are missing by design; restore_structure loads them.
         hf_logging.set_verbosity_error()
     try:
-        loaded = load_model(model_dir, dtype=dtype)
+        # Pruned attention is smaller than the config says; restore_pruned_heads shrinks and loads it.
+        loaded = load_head_pruned(model_dir, dtype=dtype) if heads_pruned else load_model(model_dir, dtype=dtype)
     finally:
         hf_logging.set_verbosity(level)
     if manifest is not None:
+        restore_pruned_heads(loaded.model, manifest, model_dir)
         restore_structure(loaded.model, manifest, model_dir)
+        restore_adapters(loaded.model, manifest, model_dir)
         apply_runtime_steps(loaded.model, loaded.parts(), manifest)
     return loaded
 

@@ -182,7 +182,7 @@ def check_study(config: dict[str, Any]) -> None:
 
 def check_variant_steps(config: dict[str, Any]) -> None:
     """Validate every variant step's settings with its method's config (unknown keys, bad values)."""
-    from vlmopt.compress import parse_step
+    from vlmopt.compress import parse_step, step_datasets
 
     datasets = _names(config, "datasets")
     for slug, steps in (config.get("variants") or {}).items():
@@ -191,10 +191,10 @@ def check_variant_steps(config: dict[str, Any]) -> None:
                 method, parsed = parse_step(step)
             except (ValueError, TypeError) as exc:
                 raise StudyError(f"variants.{slug}[{i}]: {exc}") from exc
-            if method.calibrated:
-                dataset = (parsed.calibration or {}).get("dataset")
+            for dataset, _split in step_datasets(step):
                 if dataset not in datasets:
+                    key = "calibration.dataset" if method.calibrated else "dataset"
                     raise StudyError(
-                        f"variants.{slug}[{i}].calibration.dataset: {dataset!r} is not a dataset; "
-                        f"a {parsed.method} step calibrates on one of {sorted(datasets)}"
+                        f"variants.{slug}[{i}].{key}: {dataset!r} is not a dataset; "
+                        f"a {parsed.method} step reads one of {sorted(datasets)}"
                     )

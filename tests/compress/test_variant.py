@@ -137,7 +137,17 @@ def test_unknown_method_names_the_allowed_ones(toy) -> None:
         apply_variant(model, parts, [{"method": "uniform", "bits": 4, "part": "vision"}, {"method": "gptqq"}])
     with pytest.raises(ValueError, match="has no 'method'"):
         apply_variant(model, parts, [{"bits": 4}])
-    assert set(METHODS) == {"uniform", "dynamic_int8", "gptq", "awq", "svd", "prune_layers"}
+    assert set(METHODS) == {
+        "uniform",
+        "dynamic_int8",
+        "gptq",
+        "awq",
+        "svd",
+        "prune_layers",
+        "prune_heads",
+        "lora",
+        "precision",
+    }
     assert RUNTIME_METHODS == {"dynamic_int8"}
 
 

@@ -16,7 +16,10 @@ from vlmopt.compress.calibrate import Calibration
 from vlmopt.compress.calibrated import AWQConfig, GPTQConfig
 from vlmopt.compress.dynamic_int8 import DynamicInt8Config
 from vlmopt.compress.gptq import GPTQCholeskyError, GPTQResult, HessianAccumulator, gptq_quantize, gptq_quantize_weight
+from vlmopt.compress.heads import PruneHeadsConfig, load_head_pruned, restore_pruned_heads
+from vlmopt.compress.lora import LoRAConfig, TrainingData, restore_adapters, save_adapters
 from vlmopt.compress.manifest import serialized_size, write_manifest
+from vlmopt.compress.precision import PrecisionConfig
 from vlmopt.compress.prune import PruneLayersConfig, refresh_parts
 from vlmopt.compress.quant import (
     QuantSpec,
@@ -45,6 +48,7 @@ from vlmopt.compress.variant import (
     apply_runtime_steps,
     apply_variant,
     parse_step,
+    step_datasets,
 )
 
 __all__ = [
@@ -55,11 +59,18 @@ __all__ = [
     "GPTQConfig",
     "GPTQResult",
     "HessianAccumulator",
+    "LoRAConfig",
+    "PrecisionConfig",
+    "TrainingData",
+    "restore_adapters",
+    "save_adapters",
+    "step_datasets",
     "Manifest",
     "awq_quantize",
     "awq_quantize_weight",
     "compress",
     "gptq_quantize",
+    "load_head_pruned",
     "gptq_quantize_weight",
     "rtn_quantize_weight",
     "weight_quant_spec",
@@ -71,6 +82,7 @@ __all__ = [
     "Method",
     "ModuleRef",
     "NothingSelectedError",
+    "PruneHeadsConfig",
     "PruneLayersConfig",
     "QuantSpec",
     "SVDConfig",
@@ -86,6 +98,7 @@ __all__ = [
     "quantize",
     "rank_from_ratio",
     "refresh_parts",
+    "restore_pruned_heads",
     "restore_structure",
     "role_of",
     "select_modules",

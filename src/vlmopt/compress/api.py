@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from vlmopt.compress.calibrate import Calibration
+from vlmopt.compress.lora import TrainingData
 from vlmopt.compress.variant import apply_variant
 
 __all__ = ["Manifest", "compress"]
@@ -33,12 +34,19 @@ class Manifest:
         return self.data[key]
 
 
-def compress(loaded: Any, steps: list[Mapping[str, Any]], calibration: Calibration | None = None) -> Manifest:
+def compress(
+    loaded: Any,
+    steps: list[Mapping[str, Any]],
+    calibration: Calibration | None = None,
+    *,
+    training: Callable[[dict[str, Any]], TrainingData] | None = None,
+) -> Manifest:
     """Apply ``steps`` to ``loaded.model`` in place (runtime steps included) and return the manifest.
 
     ``loaded`` is a :class:`~vlmopt.models.base.LoadedModel`; ``calibration`` (see
-    :meth:`Calibration.from_table`) serves GPTQ and AWQ steps. To save the result with its
-    manifest, use :func:`vlmopt.pipeline.compress_model` (or ``vlmopt compress``), which handles
-    runtime steps and factorized layers on reload.
+    :meth:`Calibration.from_table`) serves GPTQ and AWQ steps, ``training`` (a function from
+    ``{dataset, split}`` to :class:`~vlmopt.compress.lora.TrainingData`) serves LoRA steps. To
+    save the result with its manifest, use :func:`vlmopt.pipeline.compress_model` (or
+    ``vlmopt compress``), which handles runtime steps, factorized layers and kept adapters on reload.
     """
-    return Manifest(apply_variant(loaded.model, loaded.parts(), steps, calibration=calibration))
+    return Manifest(apply_variant(loaded.model, loaded.parts(), steps, calibration=calibration, training=training))

@@ -1,10 +1,10 @@
-"""AWQ (activation-aware weight quantization) of one linear layer, as pure tensor functions.
+"""AWQ (activation-aware weight quantization) of linear layers, as pure tensor functions.
 
 AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
 Acceleration", MLSys 2024, https://arxiv.org/abs/2306.00978) protects the weights that meet large
 activations by scaling input channel ``j`` of the weight by ``s_j`` before quantization and
-dividing the input by ``s_j`` (folded into the preceding norm or linear layer), so the layer
-computes ``(x / s) @ Q(W * s)^T``. As in the reference implementation:
+dividing the input by ``s_j``, so the layer computes ``(x / s) @ Q(W * s)^T``. As in the reference
+implementation:
 
 - ``s = x_mean^alpha`` with ``x_mean`` the mean of ``|x|`` per input channel over the calibration
   tokens, normalised by ``sqrt(max(s) * min(s))``; ``alpha`` is searched over
@@ -19,8 +19,14 @@ computes ``(x / s) @ Q(W * s)^T``. As in the reference implementation:
 Weights are quantized asymmetrically with an integer zero point, per group of ``group_size``
 input columns, on the grid of :mod:`vlmopt.compress.quant`. Several linears that read the same
 input (q/k/v, or fc1 of a gated MLP) share one ``s``: search it on their weights concatenated
-along dim 0. :func:`awq_quantize_weight` returns the effective weight ``Q(W * s) / s``, so
-``inputs @ W'.T`` is what the scaled layer computes without any folding.
+along dim 0, so the loss is the error of all their outputs together.
+
+:class:`AWQResult` carries both forms of the result: ``scaled_weight`` ``Q(W * s)`` (on the
+grid), for a model that folds ``1 / s`` into the op before the layer (a norm's weight and bias, or
+the rows of a preceding linear; see :func:`vlmopt.compress.calibrated.apply_awq`), and ``weight``
+``Q(W * s) / s``, the effective weight that computes the same thing where nothing can absorb
+``1 / s``. :func:`awq_quantize_weight` returns the latter, so ``inputs @ W'.T`` is what the scaled
+layer computes.
 """
 
 from __future__ import annotations
@@ -48,11 +54,12 @@ _MIN_SCALE = 1e-4
 class AWQResult:
     """What :func:`awq_quantize` chose.
 
-    ``weight`` is ``Q(clip(W * s)) / s`` in the input weight's dtype. ``scales`` (in_features,) is
-    ``s``: the preceding op's output is divided by it and the weight multiplied by it. ``losses``
-    holds the output MSE for each ``alpha`` of the grid, ``loss`` the best of them (before
-    clipping). ``clip_max`` (out_features, n_groups) is the bound applied to ``|W * s|`` per
-    group, or None without ``clip``.
+    ``weight`` is the effective weight ``Q(clip(W * s)) / s`` and ``scaled_weight`` the quantized
+    scaled weight ``Q(clip(W * s))`` itself (values on the grid), both in the input weight's
+    dtype. ``scales`` (in_features,) is ``s``: the preceding op's output is divided by it and the
+    weight multiplied by it. ``losses`` holds the output MSE for each ``alpha`` of the grid,
+    ``loss`` the best of them (before clipping). ``clip_max`` (out_features, n_groups) is the
+    bound applied to ``|W * s|`` per group, or None without ``clip``.
     """
 
     weight: torch.Tensor
@@ -61,6 +68,7 @@ class AWQResult:
     loss: float
     losses: tuple[float, ...]
     clip_max: torch.Tensor | None
+    scaled_weight: torch.Tensor
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -196,8 +204,9 @@ def awq_quantize(
     """AWQ scale search (and optional clip search) for ``weight`` (out_features, in_features).
 
     ``inputs`` are calibration inputs (n_tokens, in_features) or (..., in_features). See
-    :class:`AWQResult`; the model-level code folds ``scales`` into the preceding op and quantizes
-    ``clip(W * scales)``.
+    :class:`AWQResult`; for linears that share an input, pass their weights concatenated along
+    dim 0. The model-level code folds ``1 / scales`` into the preceding op and stores
+    ``scaled_weight``, or stores ``weight`` where no op can absorb the scales.
     """
     spec = weight_quant_spec(weight, bits=bits, group_size=group_size, sym=False)
     if not isinstance(clip, bool):
@@ -210,14 +219,15 @@ def awq_quantize(
         clip_max = awq_search_clip(
             w_scaled, x / s, bits=bits, group_size=group_size, n_grid=clip_grid, max_shrink=max_shrink
         )
-    effective = _quantize_scaled(w_scaled, spec, clip_max) / s
+    quantized = _quantize_scaled(w_scaled, spec, clip_max)
     return AWQResult(
-        weight=effective.to(weight.dtype),
+        weight=(quantized / s).to(weight.dtype),
         scales=s,
         alpha=alpha,
         loss=min(losses),
         losses=losses,
         clip_max=clip_max,
+        scaled_weight=quantized.to(weight.dtype),
     )
 
 

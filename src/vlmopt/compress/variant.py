@@ -28,13 +28,24 @@ from torch import nn
 from vlmopt.compress.calibrate import Calibration
 from vlmopt.compress.calibrated import AWQConfig, GPTQConfig, apply_awq, apply_gptq
 from vlmopt.compress.dynamic_int8 import DynamicInt8Config, apply_dynamic_int8, torchao_version
+from vlmopt.compress.heads import PruneHeadsConfig, apply_prune_heads
+from vlmopt.compress.lora import LoRAConfig, TrainingData, apply_lora
 from vlmopt.compress.manifest import ParamInfo, build_manifest, param_inventory
+from vlmopt.compress.precision import PrecisionConfig, apply_precision
 from vlmopt.compress.prune import PruneLayersConfig, apply_prune_layers, final_name, refresh_parts
 from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec, check_parts
 from vlmopt.compress.svd import SVDConfig, apply_svd
 from vlmopt.compress.uniform import UniformConfig, apply_uniform
 
-__all__ = ["METHODS", "RUNTIME_METHODS", "Method", "apply_runtime_steps", "apply_variant", "parse_step"]
+__all__ = [
+    "METHODS",
+    "RUNTIME_METHODS",
+    "Method",
+    "apply_runtime_steps",
+    "apply_variant",
+    "parse_step",
+    "step_datasets",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,8 @@ class Method:
     structural: bool = False
     #: True when the handler needs calibration data; it then takes ``parts=`` and ``calibration=``.
     calibrated: bool = False
+    #: True when the handler trains on a dataset split; it then also takes ``training=``.
+    trained: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -77,8 +90,26 @@ METHODS: dict[str, Method] = {
     "prune_layers": Method(
         PruneLayersConfig, apply_prune_layers, bits=lambda c: 32, simulated=False, runtime=False, structural=True
     ),
+    "prune_heads": Method(
+        PruneHeadsConfig, apply_prune_heads, bits=lambda c: 32, simulated=False, runtime=False, structural=True
+    ),
     "gptq": Method(GPTQConfig, apply_gptq, bits=lambda c: c.bits, simulated=True, runtime=False, calibrated=True),
     "awq": Method(AWQConfig, apply_awq, bits=lambda c: c.bits, simulated=True, runtime=False, calibrated=True),
+    # Structural in the accounting sense: every parameter's width changes, not only the selected Linears'.
+    "precision": Method(
+        PrecisionConfig, apply_precision, bits=lambda c: 16, simulated=False, runtime=False, structural=True
+    ),
+    # Structural in the accounting: kept (unmerged) adapters add parameters.
+    "lora": Method(
+        LoRAConfig,
+        apply_lora,
+        bits=lambda c: 32,
+        simulated=False,
+        runtime=False,
+        structural=True,
+        trained=True,
+        backend=lambda: {"peft": _peft_version()},
+    ),
 }
 
 #: Names of the methods whose result is re-applied at load time instead of saved.
@@ -96,6 +127,16 @@ def parse_step(step: Mapping[str, Any]) -> tuple[Method, SelectionSpec]:
         raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}")
     method = METHODS[name]
     return method, method.config.from_dict({k: v for k, v in step.items() if k != "method"})
+
+
+def step_datasets(step: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(dataset, split)`` pairs a step reads: its calibration split, or the split it trains on."""
+    method, config = parse_step(step)
+    if method.calibrated and config.calibration:
+        return [(config.calibration["dataset"], config.calibration["split"])]
+    if method.trained:
+        return [(config.dataset, config.split)]
+    return []
 
 
 def _check_weights(model: nn.Module, refs: list[ModuleRef], method: str) -> None:
@@ -128,6 +169,7 @@ def _run_step(
     apply: bool,
     refs: list[ModuleRef] | None = None,
     calibration: Calibration | None = None,
+    training: TrainingData | None = None,
 ) -> dict[str, Any]:
     if refs is None:
         refs = config.select(model, parts)
@@ -137,7 +179,8 @@ def _run_step(
         details = {}
     elif method.structural:
         params_before = _count_params(model)
-        details, summary = method.handler(model, refs, config, parts)
+        extra = {"training": training} if method.trained else {}
+        details, summary = method.handler(model, refs, config, parts, **extra)
         structure = {**summary, "params_before": params_before, "params_after": _count_params(model)}
     elif method.calibrated:
         details = method.handler(model, refs, config, parts=parts, calibration=calibration)
@@ -170,6 +213,7 @@ def apply_variant(
     *,
     defer_runtime: bool = False,
     calibration: Calibration | Callable[[dict[str, Any]], Calibration] | None = None,
+    training: Callable[[dict[str, Any]], TrainingData] | None = None,
 ) -> dict[str, Any]:
     """Apply ``steps`` to ``model`` in place, in order, and return the manifest dict.
 
@@ -181,6 +225,8 @@ def apply_variant(
 
     ``calibration`` serves the calibrated methods (GPTQ, AWQ): a :class:`Calibration`, or a
     function from a step's calibration settings (``{dataset, split, n, batch_size, seed}``) to one.
+    ``training`` serves the trained methods (LoRA): a function from ``{dataset, split}`` to the
+    :class:`~vlmopt.compress.lora.TrainingData` of that split.
     """
     if isinstance(steps, Mapping) or isinstance(steps, str):
         raise ValueError("steps must be a list of step mappings")
@@ -198,6 +244,11 @@ def apply_variant(
             raise ValueError(
                 f"{config.method} comes after the runtime step {seen_runtime}; runtime steps must come last"
             )
+    _check_order(parsed)
+    if training is None:
+        needy = [i for i, (method, _) in enumerate(parsed) if method.trained]
+        if needy:
+            raise ValueError(f"step {needy[0]}: {parsed[needy[0]][1].method} trains on a dataset, and none was given")
     if calibration is None:
         needy = [i for i, (method, _) in enumerate(parsed) if method.calibrated]
         if needy:
@@ -220,8 +271,9 @@ def apply_variant(
                 )
             else:
                 data = calibration(dict(config.calibration))
+        train = training({"dataset": config.dataset, "split": config.split}) if method.trained and apply else None
         try:
-            entries.append(_run_step(model, parts, method, config, apply=apply, calibration=data))
+            entries.append(_run_step(model, parts, method, config, apply=apply, calibration=data, training=train))
         except ValueError as err:
             raise type(err)(f"step {index}: {err}") from None
         if method.structural and apply:
@@ -230,6 +282,31 @@ def apply_variant(
     if any(method.structural for method, _ in parsed):
         return _structural_manifest(model, parts, entries, runtime_steps)
     return build_manifest(inventory, parts, entries, runtime_steps)
+
+
+def _check_order(parsed: list[tuple[Method, SelectionSpec]]) -> None:
+    """Refuse step orders that would silently undo or hide earlier steps."""
+    for index, (method, config) in enumerate(parsed):
+        if not method.trained:
+            continue
+        quantized = [c.method for m, c in parsed[:index] if m.simulated]
+        if getattr(config, "merge", True) and quantized:
+            raise ValueError(
+                f"step {index}: a merged {config.method} step after {quantized[0]} would move the quantized "
+                "weights off their grid; recover before quantizing (prune, lora, then quantize) or keep the "
+                "adapter (merge: false)"
+            )
+        if not getattr(config, "merge", True) and index != len(parsed) - 1:
+            raise ValueError(
+                f"step {index}: {config.method} with merge: false keeps adapters beside the weights and must be the "
+                "last step of a variant"
+            )
+
+
+def _peft_version() -> str:
+    from vlmopt.compress.lora import _peft
+
+    return str(_peft().__version__)
 
 
 def _count_params(model: nn.Module) -> int:
