@@ -106,9 +106,28 @@ def compress_model(
     """Apply a variant's compression steps and save the model with its ``manifest.json``.
 
     Steps with ``calibration: {dataset, split, n, ...}`` calibrate on that split of
-    ``data_root/<dataset>``. Runtime steps (dynamic int8) do not survive safetensors: the folder
-    holds the weights they start from, the manifest records them, and :func:`load_variant`
-    re-applies them.
+    ``data_root/<dataset>``, and ``lora`` steps train on theirs. Runtime steps (dynamic int8) do
+    not survive safetensors: the folder holds the weights they start from, the manifest records
+    them, and :func:`load_variant` re-applies them.
+    """
+    from vlmopt.models import load_model
+
+    return compress_loaded(load_model(model_dir), out_dir, steps=steps, data_root=data_root, source=model_dir)
+
+
+def compress_loaded(
+    loaded: Any,
+    out_dir: str | Path,
+    *,
+    steps: list[dict[str, Any]],
+    data_root: str | Path = "resources/data",
+    source: str | Path | None = None,
+) -> dict[str, Any]:
+    """:func:`compress_model` on a model already in memory, which is changed in place.
+
+    On return ``loaded`` is the model as :func:`load_variant` reads it back from ``out_dir``
+    (runtime steps applied, kept adapters attached). ``source`` is the folder it was loaded from,
+    hashed into the manifest.
     """
     from vlmopt.compress import (
         TrainingData,
@@ -120,10 +139,7 @@ def compress_model(
         write_manifest,
     )
     from vlmopt.compress.calibrate import Calibration
-    from vlmopt.models import load_model
     from vlmopt.tables import config_hash
-
-    loaded = load_model(model_dir)
 
     def calibration(spec: dict[str, Any]) -> Calibration:
         root = Path(data_root) / spec["dataset"]
@@ -145,11 +161,12 @@ def compress_model(
     loaded.save(out_dir)
     restore_adapters(loaded.model, manifest, out_dir)
     apply_runtime_steps(loaded.model, loaded.parts(), manifest)
+    inputs = {"model": _folder_digest(source) if source is not None else None, "steps": steps}
     write_manifest(
         out_dir / "manifest.json",
         manifest,
         serialized_size_bytes=serialized_size(loaded.model),
-        inputs_hash=config_hash({"model": _folder_digest(model_dir), "steps": steps}),
+        inputs_hash=config_hash(inputs),
     )
     return manifest
 
@@ -167,15 +184,16 @@ def _folder_digest(folder: str | Path) -> str:
 
 
 def load_variant(model_dir: str | Path, *, dtype: str | None = None):
-    """Load a compressed model folder: restore pruned heads and factorized layers (SVD), then re-apply runtime steps.
+    """Load a compressed model folder as it was evaluated, from its manifest.
 
-    Both come from the folder's manifest: ``from_pretrained`` builds the original dense
-    architecture, so low-rank layers are rebuilt and their factors loaded from the folder, and
-    runtime steps (dynamic int8) are applied to the loaded float weights.
+    ``from_pretrained`` builds the original dense architecture (in the dtype of a ``precision``
+    step), then, in order: pruned attention heads are shrunk and loaded, low-rank (SVD) layers
+    rebuilt and their factors loaded, kept LoRA adapters re-injected, runtime steps (dynamic int8)
+    applied to the loaded float weights, and simulated activation quantizers re-attached.
     """
     from transformers.utils import logging as hf_logging
 
-    from vlmopt.compress import apply_runtime_steps, restore_adapters, restore_structure
+    from vlmopt.compress import apply_runtime_steps, restore_activation_quant, restore_adapters, restore_structure
     from vlmopt.compress.heads import load_head_pruned, restore_pruned_heads
     from vlmopt.compress.precision import precision_dtype
     from vlmopt.models import load_model
@@ -201,6 +219,8 @@ def load_variant(model_dir: str | Path, *, dtype: str | None = None):
         restore_structure(loaded.model, manifest, model_dir)
         restore_adapters(loaded.model, manifest, model_dir)
         apply_runtime_steps(loaded.model, loaded.parts(), manifest)
+        # Last, so that the input quantizers sit on the modules that finally run (int8 ones included).
+        restore_activation_quant(loaded.model, manifest)
     return loaded
 
 

@@ -9,6 +9,10 @@ default and per-tensor or grouped scales are settings. ``bits=16`` (which meant 
 alone" in that study) is rejected: a step that changes nothing is an error, drop the step
 instead.
 
+``activation_bits`` (2..8, default off) also fake-quantizes each selected module's input, per
+token and on the fly (:mod:`vlmopt.compress.activations`), with the step's ``symmetric`` setting;
+the manifest records the width per module and the loader re-attaches the quantizers.
+
 Method: Jacob et al., "Quantization and Training of Neural Networks for Efficient
 Integer-Arithmetic-Only Inference", CVPR 2018, https://arxiv.org/abs/1712.05877; survey of
 round-to-nearest baselines in Frantar et al., "GPTQ", ICLR 2023, https://arxiv.org/abs/2210.17323.
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmopt.compress.activations import quantize_inputs
 from vlmopt.compress.quant import QuantSpec, fake_quantize
 from vlmopt.compress.select import ModuleRef, SelectionSpec
 
@@ -41,9 +46,16 @@ class UniformConfig(SelectionSpec):
     granularity: str = "per_channel"
     group_size: int | None = None
     symmetric: bool = False
+    activation_bits: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        a = self.activation_bits
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or not 2 <= a <= 8):
+            raise ValueError(
+                f"uniform: activation_bits={a!r} is not allowed; integer quantization uses 2..8 bits "
+                "(leave it out to keep activations in floating point)"
+            )
         if self.bits == 16 and not isinstance(self.bits, bool):
             raise ValueError(
                 "uniform: bits=16 means 'leave unquantized', which would change nothing; "
@@ -76,6 +88,9 @@ def apply_uniform(model: nn.Module, refs: list[ModuleRef], config: UniformConfig
         changed = int((new != weight).sum())
         weight.copy_(new)
         details[ref.name] = {"bits": config.bits, "elements_changed": changed}
+        if config.activation_bits is not None:
+            quantize_inputs(ref.module, config.activation_bits, symmetric=config.symmetric, name=ref.name)
+            details[ref.name]["activation_bits"] = config.activation_bits
         if changed == 0:
             log.warning("uniform: %s was already exactly representable at %d bits", ref.name, config.bits)
     if refs and not any(d["elements_changed"] for d in details.values()):
