@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from vlmopt.data.images import open_image
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import text_ids
+from vlmopt.tables import merge_shards
 from vlmopt.tasks import get_task
 
 __all__ = ["generation_settings", "merge_shards", "predict", "shard_rows"]
@@ -113,20 +114,3 @@ def predict(
             "error": pd.Series(errors, dtype="string"),
         }
     )
-
-
-def merge_shards(shards: list[pd.DataFrame], dataset: pd.DataFrame) -> pd.DataFrame:
-    """Concatenate shard predictions in dataset order; raises if any sample is missing or duplicated."""
-    merged = pd.concat(shards, ignore_index=True)
-    dup = merged["sample_id"][merged["sample_id"].duplicated()]
-    if len(dup):
-        raise ValueError(f"{len(dup)} samples predicted twice across shards, e.g. {list(dup[:3])}")
-    order = {sid: i for i, sid in enumerate(dataset["sample_id"])}
-    missing = set(order) - set(merged["sample_id"])
-    if missing:
-        raise ValueError(f"{len(missing)} samples missing from the shards, e.g. {sorted(missing)[:3]}")
-    extra = set(merged["sample_id"]) - set(order)
-    if extra:
-        raise ValueError(f"{len(extra)} predicted samples are not in the dataset, e.g. {sorted(extra)[:3]}")
-    merged = merged.iloc[merged["sample_id"].map(order).argsort()].reset_index(drop=True)
-    return merged

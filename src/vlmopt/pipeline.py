@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from vlmopt.tables import read_predictions, score_rows, summarise, write_parquet, write_predictions
+from vlmopt.tables import merge_shards, read_predictions, score_rows, summarise, write_parquet, write_predictions
 
 __all__ = [
     "build_model",
@@ -267,8 +267,6 @@ def predict_shard(
 
 def gather_predictions(shards: Iterable[str | Path], table: str | Path, out: str | Path) -> None:
     """Merge shard predictions in dataset order, refusing duplicates and gaps."""
-    from vlmopt.infer import merge_shards
-
     frames, meta = [], {}
     for path in shards:
         df, meta = read_predictions(path)
@@ -343,15 +341,21 @@ def build_plots(summary: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 def start_job(log_path: str | Path, threads: int = 1) -> None:
-    """Send stderr and logging to the job's log file and bound torch's threads to the job's share."""
+    """Send stderr and logging to the job's log file and bound torch's threads to the job's share.
+
+    torch is not imported here: jobs that never use it (gathering, scoring, tables) would pay
+    seconds of import time for nothing. The thread count goes into ``OMP_NUM_THREADS`` and
+    ``MKL_NUM_THREADS``, which torch reads when it is first imported, and into
+    ``torch.set_num_threads`` if torch is already loaded.
+    """
+    import os
     import sys
 
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     sys.stderr = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        import torch
-
-        torch.set_num_threads(max(1, int(threads)))
-    except ImportError:
-        pass
+    n = str(max(1, int(threads)))
+    os.environ["OMP_NUM_THREADS"] = n
+    os.environ["MKL_NUM_THREADS"] = n
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(n))

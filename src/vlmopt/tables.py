@@ -25,6 +25,7 @@ __all__ = [
     "KEYS",
     "SCORES_SCHEMA",
     "config_hash",
+    "merge_shards",
     "provenance",
     "read_predictions",
     "score_rows",
@@ -152,3 +153,20 @@ def summarise(scores: pd.DataFrame, manifests: Iterable[dict[str, Any]] = ()) ->
     if not sizes.empty:
         wide = wide.merge(sizes, on=["model", "ft", "variant"], how="left")
     return wide.sort_values(list(KEYS)).reset_index(drop=True)
+
+
+def merge_shards(shards: list[pd.DataFrame], dataset: pd.DataFrame) -> pd.DataFrame:
+    """Concatenate shard predictions in dataset order; raises if any sample is missing or duplicated."""
+    merged = pd.concat(shards, ignore_index=True)
+    dup = merged["sample_id"][merged["sample_id"].duplicated()]
+    if len(dup):
+        raise ValueError(f"{len(dup)} samples predicted twice across shards, e.g. {list(dup[:3])}")
+    order = {sid: i for i, sid in enumerate(dataset["sample_id"])}
+    missing = set(order) - set(merged["sample_id"])
+    if missing:
+        raise ValueError(f"{len(missing)} samples missing from the shards, e.g. {sorted(missing)[:3]}")
+    extra = set(merged["sample_id"]) - set(order)
+    if extra:
+        raise ValueError(f"{len(extra)} predicted samples are not in the dataset, e.g. {sorted(extra)[:3]}")
+    merged = merged.iloc[merged["sample_id"].map(order).argsort()].reset_index(drop=True)
+    return merged
