@@ -16,6 +16,9 @@ import torch
 from vlmopt.models.base import PARTS, Encoded, FamilyAdapter, LoadedModel
 from vlmopt.models.blip import BlipAdapter
 from vlmopt.models.blip2 import Blip2OptAdapter
+from vlmopt.models.git import GitAdapter
+from vlmopt.models.llava import LlavaAdapter
+from vlmopt.models.pix2struct import Pix2StructAdapter
 
 __all__ = [
     "FAMILIES",
@@ -29,7 +32,11 @@ __all__ = [
 ]
 
 #: Family name -> adapter.
-FAMILIES: dict[str, FamilyAdapter] = {a.name: a for a in (BlipAdapter(), Blip2OptAdapter())}
+FAMILIES: dict[str, FamilyAdapter] = {
+    a.name: a for a in (BlipAdapter(), Blip2OptAdapter(), GitAdapter(), LlavaAdapter(), Pix2StructAdapter())
+}
+#: transformers ``model_type`` -> family, for the families that one model type identifies.
+_MODEL_TYPES = {"blip": "blip", "git": "git", "llava": "llava", "pix2struct": "pix2struct"}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_TINY_TEXTS = (
@@ -47,8 +54,8 @@ def get_family(name: str) -> FamilyAdapter:
 def family_of_config(config: Any) -> str:
     """Family name of a transformers config (``model_type``, and the language model for BLIP-2)."""
     model_type = getattr(config, "model_type", None)
-    if model_type == "blip":
-        return "blip"
+    if model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type]
     if model_type == "blip-2":
         text_type = getattr(config.text_config, "model_type", "")
         if text_type == "opt":
