@@ -27,7 +27,8 @@ VARIANTS = {
     "dense": [],
     "svd ratio 0.5": [{"method": "svd", "ratio": 0.5, "part": "language"}],
     "svd ratio 0.25": [{"method": "svd", "ratio": 0.25, "part": "language"}],
-    "dynamic int8": [{"method": "dynamic_int8", "part": "language"}],
+    "dynamic int8 (fbgemm)": [{"method": "dynamic_int8", "part": "language", "backend": "fbgemm"}],
+    "dynamic int8 (torchao)": [{"method": "dynamic_int8", "part": "language"}],
 }
 
 

@@ -42,7 +42,14 @@ def test_real_int8_smaller_and_close(toy, inputs) -> None:
 
     assert manifest["simulated"] is False and manifest["representation"] == "real"
     assert manifest["runtime_steps"] == [
-        {"method": "dynamic_int8", "part": "all", "position": "all", "role": "both", "modules": []}
+        {
+            "method": "dynamic_int8",
+            "part": "all",
+            "position": "all",
+            "role": "both",
+            "modules": [],
+            "backend": "torchao",
+        }
     ]
     step = manifest["steps"][0]
     assert step["runtime"] is True and step["applied"] is True and "torchao" in step["backend"]
@@ -117,3 +124,40 @@ def test_quantizing_twice_is_refused(toy) -> None:
     manifest = apply_variant(model, parts, [{"method": "dynamic_int8", "part": "vision"}])
     with pytest.raises(ValueError, match="already holds a Int8Tensor weight"):
         apply_runtime_steps(model, parts, manifest)
+
+
+def test_fbgemm_backend_swaps_in_cpu_int8_kernels_and_reapplies(toy_factory, inputs) -> None:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    model, parts = toy_factory(0)
+    reference = run(model, inputs)
+    float_size = serialized_size(model)
+    selected = {ref.name for ref in select_modules(model, parts, part="language")}
+    step = {"method": "dynamic_int8", "part": "language", "backend": "fbgemm"}
+    manifest = apply_variant(model, parts, [step], defer_runtime=True)
+    saved = io.BytesIO()
+    torch.save(model.state_dict(), saved)
+    apply_runtime_steps(model, parts, manifest)
+    out = run(model, inputs)
+    swapped = {name for name, m in model.named_modules() if isinstance(m, DynamicLinear)}
+    assert swapped == selected
+    assert all(model.get_submodule(n).weight().dtype == torch.qint8 for n in swapped)
+    assert not torch.equal(out, reference)
+    assert float((out - reference).norm() / reference.norm()) < 0.05
+    assert serialized_size(model) < float_size
+    assert manifest["runtime_steps"][0]["backend"] == "fbgemm"
+    # A fresh float model with the saved weights computes exactly the same after re-applying.
+    fresh, fresh_parts = toy_factory(123)
+    saved.seek(0)
+    fresh.load_state_dict(torch.load(saved, weights_only=True))
+    apply_runtime_steps(fresh, fresh_parts, manifest)
+    assert torch.equal(run(fresh, inputs), out)
+
+
+def test_bad_backend_and_non_float32_weights_are_named(toy) -> None:
+    model, parts = toy
+    with pytest.raises(ValueError, match="backend='cuda' is not allowed"):
+        apply_variant(model, parts, [{**ALL, "backend": "cuda"}])
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="fbgemm needs float32 weights on the CPU"):
+        apply_variant(model, parts, [{**ALL, "backend": "fbgemm"}])

@@ -10,6 +10,10 @@ from vlmopt.models import load_model
 from vlmopt.pipeline import compress_loaded, load_variant
 
 
+#: Variants beyond one per method: a second backend, and a composed variant.
+EXTRA = ("dynamic_int8-fbgemm", "composed")
+
+
 def _calibration(root):
     return {"dataset": root.name, "split": "train", "n": 8, "batch_size": 4}
 
@@ -19,6 +23,7 @@ def _variants(root) -> dict[str, list[dict]]:
     return {
         "uniform": [{"method": "uniform", "bits": 4, "part": "language", "activation_bits": 8}],
         "dynamic_int8": [{"method": "dynamic_int8", "part": "all"}],
+        "dynamic_int8-fbgemm": [{"method": "dynamic_int8", "part": "all", "backend": "fbgemm"}],
         "gptq": [{"method": "gptq", "bits": 4, "group_size": 16, "part": "all", "calibration": _calibration(root)}],
         "awq": [{"method": "awq", "bits": 4, "group_size": 16, "part": "language", "calibration": _calibration(root)}],
         "svd": [{"method": "svd", "ratio": 0.5, "part": "language", "role": "mlp"}],
@@ -37,7 +42,7 @@ def _variants(root) -> dict[str, list[dict]]:
 
 def test_every_method_is_covered(shapes_root):
     # A new method without an entry in _variants fails here.
-    assert set(_variants(shapes_root)) - {"composed"} == set(METHODS)
+    assert set(_variants(shapes_root)) - set(EXTRA) == set(METHODS)
 
 
 @pytest.fixture(scope="module", params=["blip", "blip2-opt"])
@@ -61,7 +66,7 @@ def _logits(loaded, batch) -> torch.Tensor:
         return loaded.model(**inputs).logits.float()
 
 
-@pytest.mark.parametrize("method", [*METHODS, "composed"])
+@pytest.mark.parametrize("method", [*METHODS, *EXTRA])
 def test_method_changes_saves_and_reloads(method, source, batch, shapes_root, tmp_path):
     dense = _logits(load_model(source), batch)
     loaded = load_model(source)
