@@ -9,7 +9,6 @@ from vlmopt.compress import METHODS
 from vlmopt.models import load_model
 from vlmopt.pipeline import compress_loaded, load_variant
 
-
 #: Variants beyond one per method: a second backend, and a composed variant.
 EXTRA = ("dynamic_int8-fbgemm", "composed")
 

@@ -16,6 +16,7 @@ import torch
 from vlmopt.models.base import PARTS, Encoded, FamilyAdapter, LoadedModel
 from vlmopt.models.blip import BlipAdapter
 from vlmopt.models.blip2 import Blip2OptAdapter
+from vlmopt.models.blip2_t5 import Blip2T5Adapter
 from vlmopt.models.git import GitAdapter
 from vlmopt.models.llava import LlavaAdapter
 from vlmopt.models.pix2struct import Pix2StructAdapter
@@ -33,7 +34,8 @@ __all__ = [
 
 #: Family name -> adapter.
 FAMILIES: dict[str, FamilyAdapter] = {
-    a.name: a for a in (BlipAdapter(), Blip2OptAdapter(), GitAdapter(), LlavaAdapter(), Pix2StructAdapter())
+    a.name: a
+    for a in (BlipAdapter(), Blip2OptAdapter(), Blip2T5Adapter(), GitAdapter(), LlavaAdapter(), Pix2StructAdapter())
 }
 #: transformers ``model_type`` -> family, for the families that one model type identifies.
 _MODEL_TYPES = {"blip": "blip", "git": "git", "llava": "llava", "pix2struct": "pix2struct"}
@@ -58,9 +60,9 @@ def family_of_config(config: Any) -> str:
         return _MODEL_TYPES[model_type]
     if model_type == "blip-2":
         text_type = getattr(config.text_config, "model_type", "")
-        if text_type == "opt":
-            return "blip2-opt"
-        raise ValueError(f"BLIP-2 with a {text_type!r} language model is not supported yet (supported: opt)")
+        if text_type in ("opt", "t5"):
+            return f"blip2-{text_type}"
+        raise ValueError(f"BLIP-2 with a {text_type!r} language model is not supported (supported: opt, t5)")
     raise ValueError(f"model_type {model_type!r} is not a supported family; supported: {sorted(FAMILIES)}")
 
 
