@@ -76,6 +76,7 @@ def test_full_settings_recorded_after_defaults(toy) -> None:
         "granularity": "per_channel",
         "group_size": None,
         "symmetric": False,
+        "activation_bits": None,
     }
     assert manifest["simulated"] is True and manifest["representation"] == "simulated"
     assert manifest["runtime_steps"] == []
