@@ -243,11 +243,6 @@ def test_svd_on_language_attention(tiny, shapes_root, shapes_test):
         assert torch.isfinite(model(**enc.inputs).loss)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="T5's gated MLP reads self.wo.weight.dtype in forward; LowRankLinear has no weight (compress/svd.py)",
-)
 def test_svd_on_language_mlp(tiny, shapes_root, shapes_test):
     model = copy.deepcopy(tiny.model)
     apply_variant(

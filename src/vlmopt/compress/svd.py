@@ -117,6 +117,16 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The output-side factor ``up.weight`` (out_features x rank), not the dense weight.
+
+        Exposed for model code that reads a Linear's ``weight.dtype`` or ``weight.device``: T5's
+        and Pix2Struct's gated MLPs cast their input to ``wo.weight.dtype``. The dense weight this
+        layer stands for is ``up.weight @ down.weight``.
+        """
+        return self.up.weight
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
