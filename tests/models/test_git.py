@@ -22,15 +22,6 @@ LANGUAGE = "git.encoder.layer"
 VISION = "git.image_encoder.vision_model.encoder.layers"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads on the shared 2-core machine make these small matmuls much slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(shapes_texts):
     return ADAPTER.tiny(shapes_texts, seed=0)

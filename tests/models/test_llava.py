@@ -23,16 +23,6 @@ LANGUAGE = "model.language_model.layers"
 VISION = "model.vision_tower.encoder.layers"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On the shared 2-core machine, two OpenMP threads competing with other processes made one
-    # training step of this tiny model ~70x slower (10 s instead of 0.14 s); one thread does not.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(shapes_texts):
     return ADAPTER.tiny(shapes_texts, seed=0)

@@ -21,15 +21,6 @@ GREEDY = {"max_new_tokens": 8, "num_beams": 1, "do_sample": False}
 TRAIN_STEPS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The test machine's two cores are shared: one thread is about ten times faster than two here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def adapter() -> Pix2StructAdapter:
     return Pix2StructAdapter()
