@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.models.conftest import caption_batch, train_on_batch
 from vlmopt.compress import LowRankLinear, apply_variant
 from vlmopt.compress.select import select_modules
 from vlmopt.data.images import open_image
@@ -40,21 +41,8 @@ def tiny(shapes_texts):
 def trained(shapes_texts, shapes_root, shapes_train):
     """A tiny model trained on a fixed batch of captions, and its loss per step."""
     loaded = Blip2T5Adapter().tiny(shapes_texts, seed=0)
-    rows = shapes_train.iloc[:TRAIN_BATCH]
-    images = [open_image(shapes_root, rel) for rel in rows["image"]]
-    captions = [list(refs)[0] for refs in rows["references"]]
-    encoded = loaded.adapter.encode(loaded, images, [loaded.adapter.prompt("captioning")] * len(rows), captions)
-    torch.manual_seed(0)
-    model = loaded.model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        loss = model(**encoded.inputs).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
+    encoded = caption_batch(loaded, shapes_root, shapes_train, TRAIN_BATCH)
+    losses, _ = train_on_batch(loaded, encoded, steps=TRAIN_STEPS, lr=5e-3)
     return loaded, losses
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
+from tests.models.conftest import caption_batch, train_on_batch
 from vlmopt.compress import LowRankLinear, apply_variant
 from vlmopt.compress.select import select_modules
 from vlmopt.data.images import open_image
@@ -37,25 +38,10 @@ def test_images(shapes_root, shapes_test):
 def trained(shapes_texts, shapes_root, shapes_train):
     """A tiny model after 40 AdamW steps on one fixed batch of 16 captions, and its losses."""
     loaded = ADAPTER.tiny(shapes_texts, seed=0)
-    images = [open_image(shapes_root, rel) for rel in shapes_train["image"][:16]]
-    captions = [refs[0] for refs in shapes_train["references"][:16]]
-    encoded = ADAPTER.encode(loaded, images, [ADAPTER.prompt("captioning")] * 16, captions)
-    model = loaded.model
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    losses, grads = [], {}
-    for step in range(40):
-        loss = model(**encoded.inputs).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step == 0:
-            grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
+    encoded = caption_batch(loaded, shapes_root, shapes_train)
+    losses, grads = train_on_batch(loaded, encoded, steps=40, lr=3e-3)
     with torch.no_grad():
-        final = float(model(**encoded.inputs).loss)
+        final = float(loaded.model(**encoded.inputs).loss)
     return loaded, losses, final, grads
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.models.conftest import caption_batch, train_on_batch
 from vlmopt.compress import apply_variant
 from vlmopt.compress.select import select_modules
 from vlmopt.compress.svd import LowRankLinear
@@ -35,22 +36,8 @@ def tiny(adapter, shapes_texts) -> LoadedModel:
 def trained(adapter, shapes_texts, shapes_root, shapes_train):
     """A fresh tiny model after ``TRAIN_STEPS`` AdamW steps on 16 captions; (loaded, losses, batch)."""
     loaded = adapter.tiny(shapes_texts, seed=0)
-    rows = shapes_train.iloc[:16]
-    images = [open_image(shapes_root, p) for p in rows["image"]]
-    captions = [list(refs)[0] for refs in rows["references"]]
-    batch = adapter.encode(loaded, images, [adapter.prompt("captioning")] * len(rows), captions)
-    model = loaded.model
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(TRAIN_STEPS):
-        loss = model(**batch.inputs).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
+    batch = caption_batch(loaded, shapes_root, shapes_train)
+    losses, _ = train_on_batch(loaded, batch, steps=TRAIN_STEPS, lr=3e-3)
     return loaded, losses, batch
 
 
