@@ -38,9 +38,8 @@ class Blip2OptAdapter(FamilyAdapter):
     # The published BLIP-2 zero-shot VQA prompt.
     prompts = {"captioning": "", "vqa": "Question: {question} Short answer:"}
 
-    def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
-        tokenizer = train_word_tokenizer([*texts, self.prompts["vqa"]])
-        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    def tiny_vision_and_bridge(self, image_size: int, vocab_size: int) -> tuple[Blip2VisionConfig, Blip2QFormerConfig]:
+        """Configs of the tiny ViT and Q-Former, shared by every tiny BLIP-2 whatever its language model."""
         vision = Blip2VisionConfig(
             hidden_size=32,
             intermediate_size=64,
@@ -58,13 +57,19 @@ class Blip2OptAdapter(FamilyAdapter):
             num_attention_heads=2,
             encoder_hidden_size=32,
             cross_attention_frequency=1,
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_size,
             # Measured on the shapes study: at the usual 0.02 the Q-Former's cross-attention is
             # uniform over the patches, almost no image signal reaches the language model, and
             # finetuning settles on the caption prior (one caption for every image). A sharper
             # initial attention lets the image path learn.
             initializer_range=0.3,
         )
+        return vision, qformer
+
+    def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
+        tokenizer = train_word_tokenizer([*texts, self.prompts["vqa"]])
+        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        vision, qformer = self.tiny_vision_and_bridge(image_size, len(tokenizer))
         text = OPTConfig(
             vocab_size=len(tokenizer),
             hidden_size=48,

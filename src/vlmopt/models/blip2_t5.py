@@ -25,8 +25,6 @@ from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
-    Blip2QFormerConfig,
-    Blip2VisionConfig,
     BlipImageProcessorPil,
     T5Config,
 )
@@ -56,27 +54,7 @@ class Blip2T5Adapter(Blip2OptAdapter):
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
         tokenizer = train_word_tokenizer([*texts, self.prompts["vqa"]])
         image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-        # Vision encoder and Q-Former exactly as in the tiny BLIP-2 OPT (see blip2.py for the
-        # measured reasons behind both initializer ranges).
-        vision = Blip2VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=self.tiny_patch_size,
-            initializer_range=0.02,
-        )
-        qformer = Blip2QFormerConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            encoder_hidden_size=32,
-            cross_attention_frequency=1,
-            vocab_size=len(tokenizer),
-            initializer_range=0.3,
-        )
+        vision, qformer = self.tiny_vision_and_bridge(image_size, len(tokenizer))
         text = T5Config(
             vocab_size=len(tokenizer),
             d_model=48,
