@@ -25,10 +25,16 @@ INFERENCE = canonical(
         "shards": 2,
         "max_new_tokens": 20,
         "num_beams": 1,
+        "retrieval_k": 128,
         "max_error_fraction": 0.05,
     }
     | config.get("inference", {})
 )
+
+
+# What every inference job reads; per-task generation overrides reach that task's jobs only
+# (generation_settings), and the retrieval depth retrieval jobs only (task_settings).
+GENERATION = {k: v for k, v in INFERENCE.items() if k not in ("retrieval_k", "generation")}
 
 
 scattergather:
@@ -45,12 +51,13 @@ wildcard_constraints:
     ft=_alternatives(set(config.get("finetune", {})) | {"none"}),
     trained=_alternatives(set(config.get("finetune", {})) - {"none"}),
     variant="[a-z0-9_-]+",
-    task="captioning|vqa",
+    task="captioning|vqa|retrieval|classification",
     split="train|val|test",
 
 
 def dataset_settings(wildcards):
-    return config["datasets"][wildcards.dataset]
+    # Prompt templates are read at inference only: changing them must not rebuild the dataset.
+    return {k: v for k, v in config["datasets"][wildcards.dataset].items() if k != "templates"}
 
 
 def model_settings(wildcards):
@@ -112,8 +119,9 @@ def chain_settings(wildcards):
         "model": config["models"][wildcards.model],
         "finetune": config.get("finetune", {}).get(wildcards.ft, {}),
         "variant": config["variants"][wildcards.variant],
-        "dataset": config["datasets"][wildcards.dataset],
-        "inference": INFERENCE,
+        "dataset": dataset_settings(wildcards),
+        "inference": generation_settings(wildcards),
+        "task": task_settings(wildcards),
     }
 
 
@@ -132,3 +140,17 @@ def all_scores(wildcards):
 
 def all_variant_models(wildcards):
     return sorted({f"results/models/{e.model}/{e.ft}/{e.variant}" for e in EVALUATIONS})
+
+
+def task_settings(wildcards):
+    """Settings of a similarity task: re-ranking depth (retrieval), prompt templates (classification)."""
+    if wildcards.task == "retrieval":
+        return {"k": INFERENCE["retrieval_k"]}
+    if wildcards.task == "classification":
+        return {"templates": config["datasets"][wildcards.dataset].get("templates", ["a photo of a {}."])}
+    return {}
+
+
+def generation_settings(wildcards):
+    """Inference settings of one task: the study's defaults with that task's generation overrides."""
+    return canonical(GENERATION | INFERENCE.get("generation", {}).get(wildcards.task, {}))

@@ -11,7 +11,8 @@ rule infer:
     conda:
         "../workflow/envs/vlmopt.yaml"
     params:
-        settings=INFERENCE,
+        settings=generation_settings,
+        task_settings=task_settings,
     script:
         "../workflow/scripts/infer.py"
 

@@ -24,7 +24,7 @@ from vlmopt.models.encoding import text_ids
 from vlmopt.tables import merge_shards
 from vlmopt.tasks import get_task
 
-__all__ = ["generation_settings", "merge_shards", "predict", "shard_rows"]
+__all__ = ["generation_settings", "merge_shards", "predict", "shard_rows", "similarity_predictions"]
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,15 @@ def predict(
     n_shards: int = 1,
     max_error_fraction: float = 0.05,
     progress: bool = True,
+    task_settings: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Predict ``task`` for this shard's rows of ``dataset``.
 
     Returns a frame with ``sample_id``, ``prediction`` and ``error`` (null when the sample
-    succeeded) in dataset order. A sample whose image cannot be read is recorded with its error;
-    if more than ``max_error_fraction`` of the shard fails, a ``RuntimeError`` says so.
+    succeeded) in dataset order; similarity tasks add ``scores`` (and ``scores_t2i`` for
+    retrieval), see :func:`similarity_predictions`, whose ``settings`` are ``task_settings``. A
+    sample whose image cannot be read is recorded with its error; if more than ``max_error_fraction``
+    of the shard fails, a ``RuntimeError`` says so.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -92,6 +95,26 @@ def predict(
     batches = [idx[s : s + batch_size] for _, idx in sorted(buckets.items()) for s in range(0, len(idx), batch_size)]
 
     loaded.model.eval()
+    if spec.kind == "similarity":
+        columns = similarity_predictions(
+            loaded,
+            dataset,
+            dataset_root,
+            task,
+            rows=list(shard_rows(len(dataset), shard, n_shards)),
+            images=images,
+            batch_size=batch_size,
+            settings=task_settings or {},
+            progress=progress,
+        )
+        _check_failures(errors, max_error_fraction)
+        return pd.DataFrame(
+            {
+                "sample_id": rows["sample_id"].astype(str),
+                **columns,
+                "error": pd.Series(errors, dtype="string"),
+            }
+        )
     bar = tqdm(total=len(images), desc=f"{task} shard {shard + 1}/{n_shards}", disable=not progress, unit="sample")
     for batch in batches:
         encoded = loaded.adapter.encode(loaded, [images[i] for i in batch], [prompts[i] for i in batch])
@@ -101,12 +124,7 @@ def predict(
         bar.update(len(batch))
     bar.close()
 
-    n_failed = sum(e is not None for e in errors)
-    if rows.shape[0] and n_failed / rows.shape[0] > max_error_fraction:
-        raise RuntimeError(
-            f"{n_failed} of {rows.shape[0]} samples failed (more than {max_error_fraction:.0%}); "
-            f"first error: {next(e for e in errors if e)}"
-        )
+    _check_failures(errors, max_error_fraction)
     return pd.DataFrame(
         {
             "sample_id": rows["sample_id"].astype(str),
@@ -114,3 +132,131 @@ def predict(
             "error": pd.Series(errors, dtype="string"),
         }
     )
+
+
+def _check_failures(errors: list[str | None], max_error_fraction: float) -> None:
+    n_failed = sum(e is not None for e in errors)
+    if errors and n_failed / len(errors) > max_error_fraction:
+        raise RuntimeError(
+            f"{n_failed} of {len(errors)} samples failed (more than {max_error_fraction:.0%}); "
+            f"first error: {next(e for e in errors if e)}"
+        )
+
+
+#: Score of a pair outside the re-ranked top k (as in the BLIP and BLIP-2 evaluation code).
+NOT_RERANKED = -100.0
+
+
+def _in_batches(fn: Any, items: list, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(items[s : s + batch_size]).float().cpu() for s in range(0, len(items), batch_size)])
+
+
+def similarity_predictions(
+    loaded: LoadedModel,
+    dataset: pd.DataFrame,
+    dataset_root: str | Path,
+    task: str,
+    *,
+    rows: list[int],
+    images: dict[int, Any],
+    batch_size: int,
+    settings: dict[str, Any],
+    progress: bool = True,
+) -> dict[str, pd.Series]:
+    """Image-text scores of the shard's ``rows`` (``images`` maps shard position -> opened image).
+
+    Classification: ``scores`` holds the cosine similarity of the image with each class, classes in
+    ascending label order, each class text the normalised mean of its templates' normalised
+    embeddings (``settings["templates"]``, CLIP's prompt ensembling); ``prediction`` is the top
+    class's name.
+
+    Retrieval: the texts are every caption of the whole split in row order. ``scores`` is the
+    image's row of the image-to-text score matrix and ``scores_t2i`` its column of the text-to-image
+    matrix. Both are the contrastive (ITC) cosine similarities unless the family has a matching
+    head and ``settings["k"]`` > 0: then, as in the BLIP / BLIP-2 evaluation, an image's k most
+    similar texts score ITM logit + ITC and every other text scores -100, and in the other
+    direction each text's k most similar images are re-ranked the same way. Re-ranking needs every
+    image's embedding, so each shard embeds the whole split's images (the ITM passes, the costly
+    part, are split between shards). ``prediction`` is the image's top caption.
+    """
+    adapter = loaded.adapter
+    with torch.inference_mode():
+        if task == "classification":
+            from vlmopt.tasks import DEFAULT_TEMPLATES, ClassificationTask
+
+            _, names = ClassificationTask.classes(dataset)
+            templates = tuple(settings.get("templates") or DEFAULT_TEMPLATES)
+            per_class = ClassificationTask.class_texts(names, templates)
+            flat = [t for texts in per_class for t in texts]
+            text_emb = _in_batches(lambda b: adapter.embed_texts(loaded, b), flat, batch_size)
+            class_emb = torch.nn.functional.normalize(text_emb.view(len(names), len(templates), -1).mean(1), dim=-1)
+            order = sorted(images)
+            image_emb = _in_batches(lambda b: adapter.embed_images(loaded, [images[i] for i in b]), order, batch_size)
+            sims = image_emb @ class_emb.T
+            scores: list[list[float] | None] = [None] * len(rows)
+            preds: list[str | None] = [None] * len(rows)
+            for at, i in enumerate(order):
+                scores[i] = sims[at].tolist()
+                preds[i] = names[int(sims[at].argmax())]
+            return {
+                "prediction": pd.Series(preds, dtype="string"),
+                "scores": pd.Series(scores, dtype=object),
+            }
+        if task != "retrieval":
+            raise ValueError(f"task {task!r} is not a similarity task")
+        from vlmopt.tasks import RetrievalTask
+
+        texts, owners = RetrievalTask.texts(dataset)
+        k = int(settings.get("k", 0)) if adapter.matches else 0
+        text_emb = _in_batches(lambda b: adapter.embed_texts(loaded, b), texts, batch_size)
+        # Global row -> opened image: the shard's own, plus (for re-ranking) every other image.
+        opened = {rows[i]: im for i, im in images.items()}
+        if k:
+            for g, rel in enumerate(dataset["image"]):
+                if g not in opened and g not in rows:
+                    try:
+                        opened[g] = open_image(dataset_root, rel)
+                    except OSError:
+                        pass  # That image's own shard records the error; here it just cannot be ranked.
+        order = sorted(opened)
+        image_emb = torch.full((len(dataset), text_emb.shape[1]), float("nan"))
+        image_emb[order] = _in_batches(
+            lambda b: adapter.embed_images(loaded, [opened[g] for g in b]), order, batch_size
+        )
+        sims = image_emb @ text_emb.T
+        sims[sims.isnan()] = float("-inf")
+        n_images = len(order)
+        scores, scores_t2i, preds = [None] * len(rows), [None] * len(rows), [None] * len(rows)
+        if k:
+            text_top = sims.topk(min(k, n_images), dim=0).indices  # (k, n_texts): each text's best images
+            in_t2i = torch.zeros_like(sims, dtype=torch.bool)
+            in_t2i.scatter_(0, text_top, True)
+        bar = tqdm(total=len(images), desc=f"retrieval re-rank (k={k})", disable=not progress or not k, unit="image")
+        for i in sorted(images):
+            g = rows[i]
+            row = sims[g]
+            if not k:
+                scores[i] = scores_t2i[i] = row.tolist()
+            else:
+                top = row.topk(min(k, len(texts))).indices
+                wanted = torch.zeros(len(texts), dtype=torch.bool)
+                wanted[top] = True
+                wanted |= in_t2i[g]
+                pairs = wanted.nonzero().flatten().tolist()
+                itm = torch.full((len(texts),), float("nan"))
+                itm[pairs] = _in_batches(
+                    lambda b, g=g: adapter.match(loaded, [opened[g]] * len(b), [texts[j] for j in b]), pairs, batch_size
+                ).cpu()
+                i2t = torch.full((len(texts),), NOT_RERANKED)
+                i2t[top] = itm[top] + row[top]
+                t2i = torch.full((len(texts),), NOT_RERANKED)
+                t2i[in_t2i[g]] = itm[in_t2i[g]] + row[in_t2i[g]]
+                scores[i], scores_t2i[i] = i2t.tolist(), t2i.tolist()
+                bar.update(1)
+            preds[i] = texts[int(torch.tensor(scores[i]).argmax())]
+        bar.close()
+        return {
+            "prediction": pd.Series(preds, dtype="string"),
+            "scores": pd.Series(scores, dtype=object),
+            "scores_t2i": pd.Series(scores_t2i, dtype=object),
+        }

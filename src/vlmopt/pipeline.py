@@ -43,7 +43,10 @@ def prepare_dataset(name: str, settings: dict[str, Any], out_dir: str | Path, *,
 
     source = settings.get("source")
     if source != "synthetic":
-        raise ValueError(f"dataset {name!r}: source {source!r} is not supported yet (supported: synthetic)")
+        raise ValueError(
+            f"dataset {name!r}: source {source!r} can be declared in a study, but this version of vlmopt cannot "
+            "prepare it yet (supported: synthetic)"
+        )
     options = {k: settings[k] for k in ("n_train", "n_val", "n_test", "image_size") if k in settings}
     make_shapes(out_dir, seed=seed, **options)
 
@@ -234,6 +237,10 @@ def _parse_scatteritem(item: str) -> tuple[int, int]:
     return shard, n_shards
 
 
+#: generate() settings a study may set besides max_new_tokens and num_beams.
+GENERATION_EXTRAS = ("length_penalty", "min_new_tokens", "repetition_penalty")
+
+
 def predict_shard(
     model_dir: str | Path,
     table: str | Path,
@@ -243,13 +250,19 @@ def predict_shard(
     task: str,
     shard: str,
     settings: dict[str, Any],
+    task_settings: dict[str, Any] | None = None,
 ) -> None:
-    """Predict one shard (``'i-of-n'``) of a dataset split for ``task`` and write it as Parquet."""
+    """Predict one shard (``'i-of-n'``) of a dataset split for ``task`` and write it as Parquet.
+
+    ``task_settings`` are the similarity tasks' own (``templates`` for classification, ``k`` for
+    retrieval re-ranking); they are recorded in the file's metadata like the generation settings.
+    """
     from vlmopt.infer import generation_settings, predict
 
     shard_index, n_shards = _parse_scatteritem(shard)
     loaded = load_variant(model_dir)
-    gen = generation_settings(max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"])
+    extra = {k: settings[k] for k in GENERATION_EXTRAS if k in settings}
+    gen = generation_settings(max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"], **extra)
     df = predict(
         loaded,
         pd.read_parquet(table),
@@ -260,8 +273,11 @@ def predict_shard(
         shard=shard_index,
         n_shards=n_shards,
         max_error_fraction=settings.get("max_error_fraction", 0.05),
+        task_settings=task_settings,
     )
     meta = {"generation": gen, "task": task, "family": loaded.family, "prompt": loaded.adapter.prompts[task]}
+    if task_settings:
+        meta["task_settings"] = task_settings
     write_predictions(df, out, meta)
 
 
@@ -296,11 +312,46 @@ def score_predictions(
         result = vqa_accuracy(pred, answers, types)
         metrics = {"vqa_accuracy": result["overall"]}
         metrics.update({f"vqa_accuracy/{t}": v for t, v in result["per_answer_type"].items()})
+    elif task in ("retrieval", "classification"):
+        metrics = _similarity_metrics(task, preds, pd.read_parquet(table))
     else:
         raise ValueError(f"no scorer for task {task!r}")
     n_failed = int(preds["error"].notna().sum())
     write_parquet(score_rows(keys, metrics, n_samples=len(preds), n_failed=n_failed, settings=settings), out)
     return metrics
+
+
+def _similarity_metrics(task: str, preds: pd.DataFrame, table: pd.DataFrame) -> dict[str, float]:
+    """Recall@k (retrieval) or top-k accuracy (classification) from the predictions' score lists."""
+    import numpy as np
+
+    from vlmopt.metrics import retrieval_recall, topk_accuracy
+    from vlmopt.tasks import ClassificationTask, RetrievalTask
+
+    by_id = {sid: i for i, sid in enumerate(preds["sample_id"])}
+    at = [by_id[sid] for sid in table["sample_id"]]
+
+    def matrix(column: str, width: int) -> np.ndarray:
+        out = np.full((len(table), width), np.nan)
+        for row, i in enumerate(at):
+            values = preds[column].iloc[i]
+            if values is not None and not (isinstance(values, float) and np.isnan(values)):
+                if len(values) != width:
+                    raise ValueError(
+                        f"{column} of {preds['sample_id'].iloc[i]!r} has {len(values)} values, not {width}"
+                    )
+                out[row] = values
+        return out
+
+    if task == "classification":
+        labels, _ = ClassificationTask.classes(table)
+        index = {label: i for i, label in enumerate(labels)}
+        return topk_accuracy(matrix("scores", len(labels)), [index[int(y)] for y in table["label"]])
+    texts, owners = RetrievalTask.texts(table)
+    img2txt: list[list[int]] = [[] for _ in range(len(table))]
+    for j, row in enumerate(owners):
+        img2txt[row].append(j)
+    return retrieval_recall(matrix("scores", len(texts)), matrix("scores_t2i", len(texts)).T, img2txt, owners)
 
 
 def build_tables(

@@ -175,9 +175,27 @@ def check_study(config: dict[str, Any]) -> None:
         for task, dataset in run["tasks"].items():
             if dataset not in datasets:
                 raise StudyError(f"runs[{i}].tasks.{task}: {dataset!r} is not a dataset; defined: {sorted(datasets)}")
+        _check_family_tasks(config, i, run)
     if not evaluations(config):
         raise StudyError("runs: the study evaluates nothing")
     check_variant_steps(config)
+
+
+def _check_family_tasks(config: dict[str, Any], i: int, run: dict[str, Any]) -> None:
+    """A tiny model's family is known before anything runs: refuse tasks it cannot do."""
+    from vlmopt.models import FAMILIES
+
+    for model in run["models"]:
+        source = config["models"][model]["source"]
+        family = FAMILIES.get(source.removeprefix("tiny:")) if source.startswith("tiny:") else None
+        if source.startswith("tiny:") and family is None:
+            raise StudyError(f"models.{model}.source: unknown family in {source!r}; known: {sorted(FAMILIES)}")
+        for task in run["tasks"]:
+            if family is not None and task not in family.tasks:
+                raise StudyError(
+                    f"runs[{i}].tasks.{task}: model {model!r} ({family.name}) cannot run it; "
+                    f"it runs {list(family.tasks)}"
+                )
 
 
 def check_variant_steps(config: dict[str, Any]) -> None:

@@ -38,6 +38,8 @@ __all__ = [
 KEYS = ("model", "ft", "variant", "task", "dataset")
 
 PREDICTIONS_SCHEMA = pa.schema([("sample_id", pa.string()), ("prediction", pa.string()), ("error", pa.string())])
+#: Score lists of similarity tasks (classification: per class; retrieval: per caption, both directions).
+SCORE_COLUMNS = {"scores": pa.list_(pa.float32()), "scores_t2i": pa.list_(pa.float32())}
 SCORES_SCHEMA = pa.schema(
     [(k, pa.string()) for k in KEYS]
     + [
@@ -70,10 +72,12 @@ def write_parquet(table: pa.Table, path: str | Path, metadata: dict[str, Any] | 
 
 
 def write_predictions(df: pd.DataFrame, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Write predictions (``sample_id``, ``prediction``, ``error``) with the generation settings as metadata."""
-    table = pa.Table.from_pandas(
-        df[["sample_id", "prediction", "error"]], schema=PREDICTIONS_SCHEMA, preserve_index=False
-    )
+    """Write predictions (``sample_id``, ``prediction``, ``error``, and any score lists) with settings as metadata."""
+    schema = PREDICTIONS_SCHEMA
+    for name, typ in SCORE_COLUMNS.items():
+        if name in df.columns:
+            schema = schema.insert(schema.get_field_index("error"), pa.field(name, typ))
+    table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
     return write_parquet(table, path, metadata)
 
 

@@ -42,10 +42,12 @@ def finished_study(tmp_path_factory):
 def test_tables_and_plots_are_complete(finished_study):
     scores = pd.read_parquet(finished_study / "results/tables/scores.parquet")
     summary = pd.read_parquet(finished_study / "results/tables/summary.parquet")
-    # 2 models x (none/baseline + full/{baseline, w8-language}) x 2 tasks
-    assert len(summary) == 12
-    assert set(summary["task"]) == {"captioning", "vqa"}
-    assert {"CIDEr", "METEOR", "Bleu_4", "vqa_accuracy"} <= set(summary.columns)
+    # 2 generative models x (none/baseline + full/{baseline, w8-language}) x 2 tasks,
+    # and 2 contrastive models x none/{baseline, w8-language} x (retrieval, classification).
+    assert len(summary) == 12 + 8
+    assert set(summary["task"]) == {"captioning", "vqa", "retrieval", "classification"}
+    assert {"CIDEr", "METEOR", "Bleu_4", "vqa_accuracy", "r_mean", "txt_r1", "img_r10", "top1"} <= set(summary.columns)
+    assert set(summary.loc[summary["task"] == "retrieval", "model"]) == {"clip-tiny", "blip-itm-tiny"}
     assert summary["size_bytes"].gt(0).all()
     assert scores["git_sha"].notna().all() and scores["config_hash"].str.len().eq(16).all()
     assert (scores["n_samples"] == 12).all()
@@ -76,15 +78,36 @@ def test_changing_one_variant_reruns_only_its_chain(finished_study, tmp_path):
     changed.write_text(yaml.safe_dump(config))
     result = run_snakemake(finished_study, "--dry-run", configfile=changed)
     assert result.returncode == 0, result.stderr
-    # Two models carry the variant; per model: 1 compress, 2 tasks x 2 shards, 2 gathers, 2 scores.
+    # Four models carry the variant; per model: 1 compress, 2 tasks x 2 shards, 2 gathers, 2 scores.
     assert _job_counts(result.stdout) == {
-        "compress": 2,
-        "infer": 8,
-        "gather_predictions": 4,
-        "score": 4,
+        "compress": 4,
+        "infer": 16,
+        "gather_predictions": 8,
+        "score": 8,
         "tables": 1,
         "plots": 1,
         "all": 1,
     }
     variants = re.findall(r"wildcards:.*variant=([\w-]+)", result.stdout)
-    assert len(variants) == 18 and set(variants) == {"w8-language"}
+    assert len(variants) == 36 and set(variants) == {"w8-language"}
+
+
+def test_changing_a_task_setting_reruns_only_that_task(finished_study, tmp_path):
+    config = yaml.safe_load((finished_study / "study.yaml").read_text())
+    config["inference"]["retrieval_k"] = 4
+    config["datasets"]["shapes"]["templates"] = ["a photo of a {}.", "a {} picture."]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = run_snakemake(finished_study, "--dry-run", configfile=changed)
+    assert result.returncode == 0, result.stderr
+    # 2 contrastive models x 2 variants x 2 tasks: 2 shards, 1 gather, 1 score each; no data, model or
+    # compression job.
+    assert _job_counts(result.stdout) == {
+        "infer": 16,
+        "gather_predictions": 8,
+        "score": 8,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
+    }
+    assert set(re.findall(r"wildcards:.*task=(\w+)", result.stdout)) == {"retrieval", "classification"}

@@ -11,4 +11,5 @@ predict_shard(
     task=snakemake.wildcards.task,
     shard=snakemake.wildcards.scatteritem,
     settings=dict(snakemake.params.settings),
+    task_settings=dict(snakemake.params.task_settings),
 )

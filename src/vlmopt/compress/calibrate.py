@@ -55,20 +55,22 @@ class Calibration:
         *,
         n_samples: int = 128,
         batch_size: int = 8,
-        tasks: tuple[str, ...] = ("captioning", "vqa"),
+        tasks: tuple[str, ...] | None = None,
         seed: int = 0,
     ) -> Calibration:
-        """``n_samples`` rows drawn (seeded) from ``table``, each encoded for every task in turn.
+        """``n_samples`` rows drawn (seeded) from ``table``, batches encoded for each task in turn.
 
-        Captioning examples pair the image with the task prompt and a reference caption; VQA
-        examples with the question prompt and the most common answer, as in finetuning.
+        ``tasks`` defaults to every task the family runs. Captioning examples pair the image with
+        the task prompt and a reference caption; VQA examples with the question prompt and the most
+        common answer, as in finetuning; retrieval and classification examples with a caption or
+        the class prompt.
         """
         from vlmopt.data.images import open_image
         from vlmopt.tasks import get_task
 
         if n_samples < 1 or batch_size < 1:
             raise ValueError(f"calibration needs n_samples >= 1 and batch_size >= 1, got {n_samples}, {batch_size}")
-        tasks = tuple(t for t in tasks if t in loaded.adapter.tasks)
+        tasks = tuple(t for t in (loaded.adapter.tasks if tasks is None else tasks) if t in loaded.adapter.tasks)
         if not tasks:
             raise ValueError(f"family {loaded.family!r} supports none of the calibration tasks")
         n = min(n_samples, len(table))

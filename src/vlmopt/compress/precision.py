@@ -1,6 +1,6 @@
 """Lower-precision floating point: cast the whole model to float16 or bfloat16 (real, not simulated).
 
-A ``precision`` step casts every floating-point parameter and buffer of the model to ``dtype``,
+A ``precision`` step casts every floating-point parameter and saved buffer of the model to ``dtype``,
 so the saved weights, the memory a loaded model holds and (on hardware with half-precision
 kernels) its latency really drop; nothing is simulated. The step works on the whole model, not
 on a part: a model whose parts run at different float widths would need casts between them,
@@ -80,8 +80,11 @@ def apply_precision(
     keep = kept_in_float32(model, dtype)
     plan, kept, before = [], set(), set()
     for owner_name, owner in model.named_modules():
+        transient = getattr(owner, "_non_persistent_buffers_set", set())
         for attr, tensor in [*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)]:
-            if tensor is None or not tensor.is_floating_point():
+            # Buffers that are not saved (rotary inv_freq) are rebuilt in float32 by from_pretrained
+            # at any dtype: casting them would make the evaluated model differ from its reload.
+            if tensor is None or not tensor.is_floating_point() or attr in transient:
                 continue
             name = f"{owner_name}.{attr}" if owner_name else attr
             before.add(str(tensor.dtype).removeprefix("torch."))

@@ -63,8 +63,8 @@ DATASETS: dict[str, DatasetSource] = {
         source="synthetic",
         build=make_shapes,
         options=("n_train", "n_val", "n_test", "image_size"),
-        tasks=("captioning", "vqa", "classification"),
-        description="coloured shapes on a light background; captions, VQA and real-vs-generated labels",
+        tasks=("captioning", "vqa", "classification", "retrieval"),
+        description="coloured shapes on a light background; captions, VQA, retrieval and real-vs-generated labels",
     ),
 }
 

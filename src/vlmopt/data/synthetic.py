@@ -1,4 +1,4 @@
-"""``shapes``: a synthetic captioning / VQA / real-vs-generated dataset that a tiny model learns on CPU.
+"""``shapes``: a synthetic captioning / VQA / retrieval / real-vs-generated dataset that a tiny model learns on CPU.
 
 Each image (PNG, ``image_size`` square, RGB) shows 1-3 shapes of one type (circle, square,
 triangle) and one colour (red, green, blue, yellow, purple, orange) on a plain light background,
@@ -8,7 +8,8 @@ y = 27 % / 73 % / 50 % of the height; jitter of a few pixels keeps images distin
 separated by background, so each one is one connected blob of exactly its palette colour.
 
 Per image the table holds five references, one per caption template ("two red circles on the
-left", "there are two red circles on the left", ...), counts spelled "one"/"two"/"three"; one
+left", "there are two red circles on the left", ...), counts spelled "one"/"two"/"three", which
+are also its retrieval captions (images with the same attributes share them); one
 question whose type is spread evenly over color / count / shape / yes-no within each split (and
 yes/no answers balanced among the yes-no questions); ten VQAv2-style answers of which 7-10 are the
 correct one (digits for numbers) and the rest near misses ("two", "circles", a neighbouring
@@ -121,12 +122,13 @@ _CHECKER_AMPLITUDE = 8
 _CHECKER_CELL = 2
 _MIN_IMAGE_SIZE = 32
 #: Tasks every split serves.
-TASKS = ("captioning", "vqa", "classification")
+TASKS = ("captioning", "vqa", "classification", "retrieval")
 # Table columns: the dataset contract, then what was drawn (for per-attribute analysis and tests).
 _COLUMNS = (
     "sample_id",
     "image",
     "references",
+    "captions",
     "question",
     "answers",
     "answer_type",
@@ -302,11 +304,13 @@ def _make_split(root: Path, split: str, n: int, *, seed: int, image_size: int) -
         image = render_shapes(count, color, shape, position, generated=label == 1, image_size=image_size, rng=rng)
         relative = f"images/{split}/{sample_id}.png"
         image.save(root / relative, format="PNG", compress_level=6)
+        references = shapes_references(count, color, shape, position)
         rows.append(
             {
                 "sample_id": sample_id,
                 "image": relative,
-                "references": shapes_references(count, color, shape, position),
+                "references": references,
+                "captions": list(references),
                 "question": question,
                 "answers": answers,
                 "answer_type": ANSWER_TYPES[qtype],

@@ -115,12 +115,16 @@ def finetune(
     """
     torch.manual_seed(config.seed)
     model = loaded.model
-    images = [open_image(dataset_root, rel) for rel in train["image"]]
-    # Preprocess every image once; the same tensor serves all epochs.
-    pixel_cache = torch.cat(
-        [pixel_values(loaded.processor, images[s : s + 256], model.dtype) for s in range(0, len(images), 256)]
-    )
-    del images
+    if loaded.adapter.encodes_image_with_text:
+        # The image and its text are encoded together, at every step.
+        pixel_cache = None
+    else:
+        images = [open_image(dataset_root, rel) for rel in train["image"]]
+        # Preprocess every image once; the same tensor serves all epochs.
+        pixel_cache = torch.cat(
+            [pixel_values(loaded.processor, images[s : s + 256], model.dtype) for s in range(0, len(images), 256)]
+        )
+        del images
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
@@ -158,8 +162,13 @@ def finetune(
         examples, order = epoch_cache[epoch]
         idx = order[within * config.batch_size : (within + 1) * config.batch_size].tolist()
         batch = [examples[i] for i in idx]
-        encoded = loaded.adapter.encode(loaded, None, [p for _, p, _ in batch], [t for _, _, t in batch])
-        encoded.inputs["pixel_values"] = pixel_cache[[r for r, _, _ in batch]]
+        prompts, targets = [p for _, p, _ in batch], [t for _, _, t in batch]
+        if pixel_cache is None:
+            images = [open_image(dataset_root, train["image"].iloc[r]) for r, _, _ in batch]
+            encoded = loaded.adapter.encode(loaded, images, prompts, targets)
+        else:
+            encoded = loaded.adapter.encode(loaded, None, prompts, targets)
+            encoded.inputs["pixel_values"] = pixel_cache[[r for r, _, _ in batch]]
         for group in optimizer.param_groups:
             group["lr"] = scheduler_lr(step)
         loss = model(**encoded.inputs).loss

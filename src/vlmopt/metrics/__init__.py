@@ -2,7 +2,8 @@
 
 ``caption_scores`` computes the COCO caption metrics with pycocoevalcap (PTB tokenizer, BLEU, METEOR,
 ROUGE-L, CIDEr), https://github.com/salaniz/pycocoevalcap; ``vqa_accuracy`` reproduces the official VQA
-accuracy of https://github.com/GT-Vision-Lab/VQA. Nothing here loads a model: no torch, no transformers.
+accuracy of https://github.com/GT-Vision-Lab/VQA; ``retrieval_recall`` and ``topk_accuracy`` rank score
+matrices as the BLIP / CLIP evaluations do. Nothing here loads a model: no torch, no transformers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from vlmopt.metrics.caption import (
     caption_scores_per_sample,
     evaluate_captions,
 )
+from vlmopt.metrics.retrieval import retrieval_recall, topk_accuracy
 from vlmopt.metrics.vqa import vqa_accuracy
 
 __all__ = [
@@ -22,5 +24,7 @@ __all__ = [
     "caption_scores",
     "caption_scores_per_sample",
     "evaluate_captions",
+    "retrieval_recall",
+    "topk_accuracy",
     "vqa_accuracy",
 ]

@@ -17,9 +17,13 @@ from vlmopt.models.base import PARTS, Encoded, FamilyAdapter, LoadedModel
 from vlmopt.models.blip import BlipAdapter
 from vlmopt.models.blip2 import Blip2OptAdapter
 from vlmopt.models.blip2_t5 import Blip2T5Adapter
+from vlmopt.models.blip_itm import BlipItmAdapter
+from vlmopt.models.clip import ClipAdapter
+from vlmopt.models.fuyu import FuyuAdapter
 from vlmopt.models.git import GitAdapter
 from vlmopt.models.llava import LlavaAdapter
 from vlmopt.models.pix2struct import Pix2StructAdapter
+from vlmopt.models.qwen2_5_vl import Qwen25VLAdapter
 
 __all__ = [
     "FAMILIES",
@@ -35,10 +39,31 @@ __all__ = [
 #: Family name -> adapter.
 FAMILIES: dict[str, FamilyAdapter] = {
     a.name: a
-    for a in (BlipAdapter(), Blip2OptAdapter(), Blip2T5Adapter(), GitAdapter(), LlavaAdapter(), Pix2StructAdapter())
+    for a in (
+        BlipAdapter(),
+        Blip2OptAdapter(),
+        Blip2T5Adapter(),
+        BlipItmAdapter(),
+        ClipAdapter(),
+        FuyuAdapter(),
+        GitAdapter(),
+        LlavaAdapter(),
+        Pix2StructAdapter(),
+        Qwen25VLAdapter(),
+    )
 }
 #: transformers ``model_type`` -> family, for the families that one model type identifies.
-_MODEL_TYPES = {"blip": "blip", "git": "git", "llava": "llava", "pix2struct": "pix2struct"}
+_MODEL_TYPES = {
+    "blip": "blip",
+    "clip": "clip",
+    "fuyu": "fuyu",
+    "git": "git",
+    "llava": "llava",
+    "pix2struct": "pix2struct",
+    "qwen2_5_vl": "qwen2_5_vl",
+}
+#: Model classes that make a family of their own within a model type (retrieval heads).
+_ARCHITECTURES = {"BlipForImageTextRetrieval": "blip-itm"}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_TINY_TEXTS = (
@@ -56,6 +81,9 @@ def get_family(name: str) -> FamilyAdapter:
 def family_of_config(config: Any) -> str:
     """Family name of a transformers config (``model_type``, and the language model for BLIP-2)."""
     model_type = getattr(config, "model_type", None)
+    for architecture in getattr(config, "architectures", None) or ():
+        if architecture in _ARCHITECTURES:
+            return _ARCHITECTURES[architecture]
     if model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
     if model_type == "blip-2":

@@ -35,6 +35,10 @@ class FamilyAdapter:
     tasks: tuple[str, ...] = ()
     #: Prompt templates per task; ``{question}`` is filled in for VQA.
     prompts: dict[str, str] = {}
+    #: True when :meth:`encode` needs each image together with its text (the token sequence follows
+    #: the image's patch grid, or the prompt is drawn into the image), so training cannot
+    #: preprocess images once, apart from their text, and reuse the tensors.
+    encodes_image_with_text: bool = False
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
         raise NotImplementedError
@@ -59,6 +63,23 @@ class FamilyAdapter:
 
     def generate(self, loaded: LoadedModel, encoded: Encoded, **generate_kwargs: Any) -> list[str]:
         raise NotImplementedError
+
+    # Image-text similarity (retrieval, zero-shot classification): families with a contrastive head.
+
+    #: Whether :meth:`match` scores image-text pairs with a matching (ITM) head.
+    matches: bool = False
+
+    def embed_images(self, loaded: LoadedModel, images: list) -> torch.Tensor:
+        """L2-normalised image embeddings, one row per image, in the space :meth:`embed_texts` shares."""
+        raise NotImplementedError(f"family {self.name!r} has no image-text embedding (tasks: {list(self.tasks)})")
+
+    def embed_texts(self, loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings, one row per text."""
+        raise NotImplementedError(f"family {self.name!r} has no image-text embedding (tasks: {list(self.tasks)})")
+
+    def match(self, loaded: LoadedModel, images: list, texts: list[str]) -> torch.Tensor:
+        """Matching score of each pair (``images[i]``, ``texts[i]``): the ITM head's "match" logit."""
+        raise NotImplementedError(f"family {self.name!r} has no image-text matching head")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["pad_right", "pixel_values", "text_ids"]
+__all__ = ["pad_right", "pixel_values", "text_batch", "text_ids"]
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -36,3 +36,18 @@ def pixel_values(processor: Any, images: list, dtype: torch.dtype) -> torch.Tens
     """Preprocess PIL images (or arrays) into a float tensor of the model's dtype."""
     images = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else im for im in images]
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"].to(dtype)
+
+
+def text_batch(tokenizer: Any, texts: list[str], *, max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask`` of whole texts with their special tokens.
+
+    A text longer than ``max_length`` keeps its first tokens and its final special token, which
+    encoders that pool at the end-of-text token need (as the CLIP and BERT tokenizers truncate).
+    """
+    sequences = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) > max_length:
+            ids = [*ids[: max_length - 1], ids[-1]]
+        sequences.append(ids)
+    return pad_right(sequences, None, pad_id=tokenizer.pad_token_id or 0)

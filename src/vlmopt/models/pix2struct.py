@@ -48,6 +48,7 @@ __all__ = ["Pix2StructAdapter"]
 class Pix2StructAdapter(FamilyAdapter):
     name = "pix2struct"
     tasks = ("captioning", "vqa")
+    encodes_image_with_text = True
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8
     # Captioning decodes from an empty prompt (google/pix2struct-textcaps-base); VQA checkpoints

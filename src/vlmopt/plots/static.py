@@ -13,7 +13,12 @@ import pandas as pd  # noqa: E402
 __all__ = ["MAIN_METRIC", "quality_vs_size", "task_bars"]
 
 #: The headline metric of each task, with its axis label.
-MAIN_METRIC = {"captioning": ("CIDEr", "CIDEr"), "vqa": ("vqa_accuracy", "VQA accuracy (%)")}
+MAIN_METRIC = {
+    "captioning": ("CIDEr", "CIDEr"),
+    "vqa": ("vqa_accuracy", "VQA accuracy (%)"),
+    "retrieval": ("r_mean", "retrieval mean recall (%)"),
+    "classification": ("top1", "top-1 accuracy (%)"),
+}
 
 # Okabe-Ito first: distinguishable with the common colour-vision deficiencies.
 PALETTE = [

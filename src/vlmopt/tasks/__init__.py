@@ -12,13 +12,27 @@ import pandas as pd
 
 from vlmopt.models.base import FamilyAdapter
 
-__all__ = ["TASKS", "CaptioningTask", "Task", "VqaTask", "get_task"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "TASKS",
+    "CaptioningTask",
+    "ClassificationTask",
+    "RetrievalTask",
+    "Task",
+    "VqaTask",
+    "get_task",
+]
+
+#: CLIP's default zero-shot prompt (Radford et al. 2021, section 3.1.4).
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 class Task:
     name: str = ""
     #: Dataset columns the task needs (DESIGN §3).
     columns: tuple[str, ...] = ()
+    #: ``"generate"``: a prediction is generated text; ``"similarity"``: a list of image-text scores.
+    kind: str = "generate"
 
     def prompts(self, df: pd.DataFrame, adapter: FamilyAdapter) -> list[str]:
         raise NotImplementedError
@@ -51,7 +65,62 @@ class VqaTask(Task):
         return [Counter(answers).most_common(1)[0][0] for answers in df["answers"]]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (CaptioningTask(), VqaTask())}
+class RetrievalTask(Task):
+    """Image-text retrieval over every caption of a split: each image's scores against all captions."""
+
+    name = "retrieval"
+    columns = ("captions",)
+    kind = "similarity"
+
+    def prompts(self, df: pd.DataFrame, adapter: FamilyAdapter) -> list[str]:
+        return self.targets(df, 0)
+
+    def targets(self, df: pd.DataFrame, epoch: int) -> list[str]:
+        return [list(caps)[(epoch + i) % len(caps)] for i, caps in enumerate(df["captions"])]
+
+    @staticmethod
+    def texts(df: pd.DataFrame) -> tuple[list[str], list[int]]:
+        """Every caption of ``df`` in row order, and the row index of the image each belongs to."""
+        texts, owners = [], []
+        for row, caps in enumerate(df["captions"]):
+            texts.extend(caps)
+            owners.extend([row] * len(caps))
+        return texts, owners
+
+
+class ClassificationTask(Task):
+    """Zero-shot classification: an image against one text per class (an ensemble of templates)."""
+
+    name = "classification"
+    columns = ("label", "label_name")
+    kind = "similarity"
+
+    def prompts(self, df: pd.DataFrame, adapter: FamilyAdapter) -> list[str]:
+        return self.targets(df, 0)
+
+    def targets(self, df: pd.DataFrame, epoch: int) -> list[str]:
+        return [DEFAULT_TEMPLATES[0].format(name) for name in df["label_name"]]
+
+    @staticmethod
+    def classes(df: pd.DataFrame) -> tuple[list[int], list[str]]:
+        """The labels of ``df`` in ascending order and their names; a label with two names is an error."""
+        names: dict[int, str] = {}
+        for label, name in zip(df["label"], df["label_name"], strict=True):
+            if names.setdefault(int(label), name) != name:
+                raise ValueError(f"label {int(label)} has two names: {names[int(label)]!r} and {name!r}")
+        labels = sorted(names)
+        return labels, [names[label] for label in labels]
+
+    @staticmethod
+    def class_texts(names: list[str], templates: tuple[str, ...] | list[str] = DEFAULT_TEMPLATES) -> list[list[str]]:
+        """Per class, its name set in each template (``{}`` marks where the name goes)."""
+        templates = list(templates)
+        if not templates or any(t.count("{}") != 1 for t in templates):
+            raise ValueError(f"templates must each hold one '{{}}' for the class name, got {templates}")
+        return [[t.format(name) for t in templates] for name in names]
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (CaptioningTask(), VqaTask(), RetrievalTask(), ClassificationTask())}
 
 
 def get_task(name: str) -> Task:

@@ -1,0 +1,130 @@
+"""BLIP for image-text retrieval (Li et al. 2022, https://arxiv.org/abs/2201.12086): contrastive and matching heads.
+
+The retrieval checkpoints (``Salesforce/blip-itm-base-coco``, ``-flickr``, ``-large-*``) pair a ViT
+with a BERT text encoder. Image-text contrastive (ITC) similarity is the cosine of the projected
+CLS states of the ViT (``vision_proj``) and of the text encoder run alone (``text_proj``);
+image-text matching (ITM) runs the text encoder with cross-attention to every image token and
+classifies its CLS state (``itm_head``: no match / match). Retrieval ranks everything by ITC and
+re-ranks the top k by ITM logit + ITC, as the paper's evaluation does.
+
+Parts: the ViT layers (``vision``) and the text encoder's layers (``language``, each with self-
+attention, cross-attention and an MLP); no bridge. The projections and the ITM head sit outside
+every listed layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    BlipConfig,
+    BlipForImageTextRetrieval,
+    BlipImageProcessorPil,
+    BlipProcessor,
+    BlipTextConfig,
+    BlipVisionConfig,
+)
+
+from vlmopt.models.base import Encoded, FamilyAdapter, LoadedModel
+from vlmopt.models.clip import normalised
+from vlmopt.models.encoding import pixel_values, text_batch
+from vlmopt.models.tokenizer import train_word_tokenizer
+
+__all__ = ["BlipItmAdapter"]
+
+
+class BlipItmAdapter(FamilyAdapter):
+    name = "blip-itm"
+    tasks = ("retrieval", "classification")
+    matches = True
+    #: Patch side of the tiny model's vision encoder, in pixels.
+    tiny_patch_size = 8
+    # Texts are encoded as given (captions; class names already set in the dataset's templates).
+    prompts = {"retrieval": "{question}", "classification": "{question}"}
+
+    def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
+        tokenizer = train_word_tokenizer([*texts, "a photo of a"])
+        vision = BlipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=self.tiny_patch_size,
+            # The vision config's default initializer range (1e-10) leaves a random ViT inert.
+            initializer_range=0.02,
+        )
+        text = BlipTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
+            max_position_embeddings=64,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            sep_token_id=tokenizer.sep_token_id,
+        )
+        torch.manual_seed(seed)
+        config = BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_text_hidden_size=32)
+        model = BlipForImageTextRetrieval(config)
+        processor = BlipProcessor(
+            image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
+            tokenizer=tokenizer,
+        )
+        return LoadedModel(model.eval(), processor, self.name, self, source="tiny:blip-itm")
+
+    def from_pretrained(self, source: str, **kwargs: Any) -> LoadedModel:
+        model = BlipForImageTextRetrieval.from_pretrained(source, **kwargs)
+        processor = BlipProcessor.from_pretrained(source)
+        return LoadedModel(model.eval(), processor, self.name, self, source=source)
+
+    def parts(self, model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+        return {
+            "vision": [
+                (f"vision_model.encoder.layers.{i}", m) for i, m in enumerate(model.vision_model.encoder.layers)
+            ],
+            "bridge": [],
+            "language": [
+                (f"text_encoder.encoder.layer.{i}", m) for i, m in enumerate(model.text_encoder.encoder.layer)
+            ],
+        }
+
+    def _text_inputs(self, loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
+        inputs = text_batch(loaded.tokenizer, texts, max_length=loaded.model.config.text_config.max_position_embeddings)
+        return {k: v.to(loaded.model.device) for k, v in inputs.items()}
+
+    def encode(
+        self, loaded: LoadedModel, images: list | None, prompts: list[str], targets: list[str] | None = None
+    ) -> Encoded:
+        """Texts (``targets`` when given, else ``prompts``) and images for one ITM forward."""
+        inputs = self._text_inputs(loaded, list(targets if targets is not None else prompts))
+        if images is not None:
+            inputs["pixel_values"] = pixel_values(loaded.processor, images, loaded.model.dtype)
+        return Encoded(inputs, prompt_length=0)
+
+    def generate(self, loaded: LoadedModel, encoded: Encoded, **generate_kwargs: Any) -> list[str]:
+        raise NotImplementedError("BLIP retrieval models do not generate text; they run retrieval and classification")
+
+    def _image_states(self, loaded: LoadedModel, images: list) -> torch.Tensor:
+        pixels = pixel_values(loaded.processor, images, loaded.model.dtype).to(loaded.model.device)
+        return loaded.model.vision_model(pixel_values=pixels).last_hidden_state
+
+    def embed_images(self, loaded: LoadedModel, images: list) -> torch.Tensor:
+        return normalised(loaded.model.vision_proj(self._image_states(loaded, images)[:, 0, :]))
+
+    def embed_texts(self, loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
+        states = loaded.model.text_encoder(**self._text_inputs(loaded, texts)).last_hidden_state
+        return normalised(loaded.model.text_proj(states[:, 0, :]))
+
+    def match(self, loaded: LoadedModel, images: list, texts: list[str]) -> torch.Tensor:
+        image_states = self._image_states(loaded, images)
+        image_mask = torch.ones(image_states.shape[:-1], dtype=torch.long, device=image_states.device)
+        states = loaded.model.text_encoder(
+            **self._text_inputs(loaded, texts), encoder_hidden_states=image_states, encoder_attention_mask=image_mask
+        ).last_hidden_state
+        return loaded.model.itm_head(states[:, 0, :])[:, 1].float()
