@@ -34,7 +34,9 @@ INFERENCE = canonical(
 
 # What every inference job reads; per-task generation overrides reach that task's jobs only
 # (generation_settings), and the retrieval depth retrieval jobs only (task_settings).
-GENERATION = {k: v for k, v in INFERENCE.items() if k not in ("retrieval_k", "generation")}
+GENERATION = {
+    k: v for k, v in INFERENCE.items() if k not in ("retrieval_k", "generation")
+}
 
 
 scattergather:
@@ -57,7 +59,11 @@ wildcard_constraints:
 
 def dataset_settings(wildcards):
     # Prompt templates are read at inference only: changing them must not rebuild the dataset.
-    return {k: v for k, v in config["datasets"][wildcards.dataset].items() if k != "templates"}
+    return {
+        k: v
+        for k, v in config["datasets"][wildcards.dataset].items()
+        if k != "templates"
+    }
 
 
 def model_settings(wildcards):
@@ -147,10 +153,16 @@ def task_settings(wildcards):
     if wildcards.task == "retrieval":
         return {"k": INFERENCE["retrieval_k"]}
     if wildcards.task == "classification":
-        return {"templates": config["datasets"][wildcards.dataset].get("templates", ["a photo of a {}."])}
+        return {
+            "templates": config["datasets"][wildcards.dataset].get(
+                "templates", ["a photo of a {}."]
+            )
+        }
     return {}
 
 
 def generation_settings(wildcards):
     """Inference settings of one task: the study's defaults with that task's generation overrides."""
-    return canonical(GENERATION | INFERENCE.get("generation", {}).get(wildcards.task, {}))
+    return canonical(
+        GENERATION | INFERENCE.get("generation", {}).get(wildcards.task, {})
+    )

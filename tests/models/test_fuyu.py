@@ -421,12 +421,6 @@ def test_lora_recovery_trains_on_the_images(source, shapes_root, tmp_path):
     assert manifest["steps"][0]["n_modules"] == loaded.model.config.text_config.num_hidden_layers * 4
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="transformers 5 saves Fuyu under its legacy checkpoint keys (language_model.model.layers...), while "
-    "compress.svd.restore_structure looks the factors up under the in-memory names (model.language_model...)",
-)
 def test_svd_factors_reload(source, shapes_root, test_images, tmp_path):
     from vlmopt.pipeline import compress_loaded, load_variant
 

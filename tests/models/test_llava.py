@@ -211,11 +211,6 @@ def test_compression_variants(steps, shapes_texts, test_images, tmp_path):
         assert _generate(again, test_images[:3], [ADAPTER.prompt("captioning")] * 3) == expected
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    reason="transformers 5 saves LLaVA under its legacy checkpoint keys (language_model.model.layers...), "
-    "while compress.svd.restore_structure looks the factors up under the in-memory names (model.language_model...)",
-)
 def test_svd_factors_reload(shapes_texts, test_images, tmp_path):
     from vlmopt.compress import restore_structure
 
@@ -229,11 +224,6 @@ def test_svd_factors_reload(shapes_texts, test_images, tmp_path):
         torch.testing.assert_close(again.model(**encoded.inputs).logits, loaded.model(**encoded.inputs).logits)
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    reason="vision_feature_layer=-2 counts from the end, so after prune_layers drops the last (unused) vision "
-    "layer it names an earlier layer; compress.prune does not rewrite it",
-)
 def test_dropping_the_unused_last_vision_layer_keeps_the_output(shapes_texts, test_images):
     loaded = ADAPTER.tiny(shapes_texts, seed=0)
     encoded = ADAPTER.encode(loaded, test_images[:2], [ADAPTER.prompt("captioning")] * 2)
@@ -242,3 +232,15 @@ def test_dropping_the_unused_last_vision_layer_keeps_the_output(shapes_texts, te
     apply_variant(loaded.model, loaded.parts(), [{"method": "prune_layers", "part": "vision", "drop_last": 1}])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**encoded.inputs).logits, dense)
+    assert loaded.model.config.vision_feature_layer == -1
+
+
+def test_dropping_the_image_feature_layer_is_refused(shapes_texts):
+    loaded = ADAPTER.tiny(shapes_texts, seed=0)
+    n = loaded.model.config.vision_config.num_hidden_layers
+    # vision_feature_layer=-2 is the output of layer n - 2.
+    with pytest.raises(ValueError, match=f"vision layer {n - 2} is the image feature"):
+        apply_variant(loaded.model, loaded.parts(), [{"method": "prune_layers", "part": "vision", "layers": [n - 2]}])
+    # Dropping a layer below it keeps the same output, renumbered from the end.
+    apply_variant(loaded.model, loaded.parts(), [{"method": "prune_layers", "part": "vision", "layers": [0]}])
+    assert loaded.model.config.vision_feature_layer == -2

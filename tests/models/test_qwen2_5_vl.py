@@ -346,12 +346,6 @@ def _variants(dataset: str) -> dict[str, list[dict]]:
 
 #: Methods that do not yet work end to end on this family, and why.
 _GAPS = {
-    "svd": (
-        ValueError,
-        "transformers 5 saves Qwen2.5-VL under its legacy checkpoint keys (model.layers..., visual.blocks...), while "
-        "compress.svd.restore_structure looks the factors up under the in-memory names (model.language_model..., "
-        "model.visual...)",
-    ),
     "prune_heads": (
         ValueError,
         "compress.heads has no layout for Qwen2.5-VL attention: the vision blocks' fused projection is attn.qkv with "
@@ -490,13 +484,6 @@ def test_prune_heads_removes_one_head_per_block(part, shapes_texts, test_images)
         assert torch.isfinite(loaded.model(**encoded.inputs).logits).all()
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="compress.prune renumbers the vision blocks but not fullatt_block_indexes (config and "
-    "model.visual.fullatt_block_indexes): after dropping block 0 the full-attention block 2 becomes block 1 "
-    "and silently switches to window attention",
-)
 def test_dropping_a_vision_block_keeps_full_attention_where_it_was(shapes_texts):
     loaded = ADAPTER.tiny(shapes_texts, seed=0)
     full = loaded.model.model.visual.blocks[2]

@@ -41,7 +41,9 @@ def test_calibrated_variant_takes_its_split_as_input(workdir):
     configfile = _edit(workdir, lambda c: c["variants"].update({"gptq-w4": [step]}))
     result = run_snakemake(workdir, "--dry-run", configfile=configfile)
     assert result.returncode == 0, result.stderr
-    blocks = [b for b in result.stdout.split("rule compress:")[1:] if "variant=gptq-w4" in b]
+    # Each compress job's own lines end where the next job's timestamp line starts.
+    jobs = [b.split("\n[")[0] for b in result.stdout.split("rule compress:")[1:]]
+    blocks = [b for b in jobs if "variant=gptq-w4" in b]
     assert blocks and all("resources/data/shapes/val.parquet" in b.split("output:")[0] for b in blocks)
 
 

@@ -196,6 +196,46 @@ def _layer_config(model: nn.Module, prefix: str, n: int) -> tuple[Any, str]:
     )
 
 
+def _renumbered_full_attention(config: Any, kept: list[int]) -> list[int] | None:
+    """Qwen2.5-VL's vision blocks with full (not windowed) attention, renumbered over the kept blocks.
+
+    Without this a kept full-attention block would silently switch to window attention (or a
+    stale index would point past the end) once the blocks below it move down.
+    """
+    indexes = getattr(config, "fullatt_block_indexes", None)
+    if not isinstance(indexes, list | tuple):
+        return None
+    return [kept.index(i) for i in indexes if i in kept]
+
+
+def _renumbered_feature_layer(model: nn.Module, config_key: str, n: int, kept: list[int]) -> Any:
+    """LLaVA's ``vision_feature_layer`` after pruning vision layers, naming the same layer's output.
+
+    It indexes the vision tower's hidden states (embeddings first, then one per layer), counting
+    from the end when negative, so dropping layers shifts what it names. Dropping the layer whose
+    output is the image feature is refused.
+    """
+    top = getattr(model, "config", None)
+    feature = getattr(top, "vision_feature_layer", None)
+    if config_key != "vision_config" or feature is None:
+        return None
+
+    def renumber(index: int) -> int:
+        absolute = index + n + 1 if index < 0 else index
+        if absolute == 0:
+            return index  # the patch embeddings: no layer in front of them moves
+        layer = absolute - 1
+        if layer not in kept:
+            raise ValueError(
+                f"prune_layers: vision layer {layer} is the image feature the language model reads "
+                f"(vision_feature_layer={index}); keep it"
+            )
+        new = kept.index(layer) + 1
+        return new - (len(kept) + 1) if index < 0 else new
+
+    return [renumber(i) for i in feature] if isinstance(feature, list | tuple) else renumber(int(feature))
+
+
 def _check_cross_attention(config: Any, part: str, kept: list[int], n: int) -> None:
     """Refuse a selection after which the kept layers' cross-attention no longer follows the frequency."""
     frequency = getattr(config, "cross_attention_frequency", None)
@@ -227,6 +267,8 @@ def apply_prune_layers(
     kept = [i for i in range(n) if i not in set(dropped)]
     _check_cross_attention(sub_config, config.part, kept, n)
     layer_types = getattr(sub_config, "layer_types", None)
+    full_attention = _renumbered_full_attention(sub_config, kept)
+    feature_layer = _renumbered_feature_layer(model, config_key, n, kept)
 
     part_before = sum(_count(layer) for _, layer in layers)
     for index in reversed(dropped):
@@ -239,6 +281,13 @@ def apply_prune_layers(
     sub_config.num_hidden_layers = len(container)
     if isinstance(layer_types, list) and len(layer_types) == n:
         sub_config.layer_types = [layer_types[i] for i in kept]
+    if full_attention is not None:
+        sub_config.fullatt_block_indexes = full_attention
+        owner = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
+        if hasattr(owner, "fullatt_block_indexes"):
+            owner.fullatt_block_indexes = list(full_attention)
+    if feature_layer is not None:
+        model.config.vision_feature_layer = feature_layer
     part_after = sum(_count(layer) for layer in container)
 
     details = {

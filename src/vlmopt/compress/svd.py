@@ -263,6 +263,26 @@ def _read_tensors(folder: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Te
     return tensors
 
 
+def saved_key_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """The name under which ``save_pretrained`` stored each of the model's state-dict ``keys``.
+
+    transformers 5 writes some models (LLaVA, Fuyu, Qwen2.5-VL) under their older checkpoint key
+    names (``language_model.model.layers...`` for ``model.language_model.layers...``) and renames
+    them back on load; tensors read straight from the files must be looked up under the saved
+    name. The renaming is transformers' own (``revert_weight_conversion``), applied to placeholders
+    whose identity maps each saved name back to its key.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without checkpoint conversions saves names as they are
+        return {key: key for key in keys}
+    placeholders = {key: torch.empty(0) for key in keys}
+    by_id = {id(t): key for key, t in placeholders.items()}
+    renamed = revert_weight_conversion(model, dict(placeholders))
+    out = {by_id[id(t)]: saved for saved, t in renamed.items() if id(t) in by_id}
+    return {key: out.get(key, key) for key in keys}
+
+
 @torch.no_grad()
 def restore_structure(model: nn.Module, manifest: Mapping[str, Any], folder: str | os.PathLike[str]) -> list[str]:
     """Rebuild the SVD factorizations the manifest records on a freshly loaded model; their names.
@@ -302,9 +322,10 @@ def restore_structure(model: nn.Module, manifest: Mapping[str, Any], folder: str
             device=current.weight.device,
             dtype=current.weight.dtype,
         )
-    tensors = _read_tensors(folder, tuple(f"{name}." for name in new_modules))
+    saved = saved_key_names(model, [f"{name}.{key}" for name, low in new_modules.items() for key in low.state_dict()])
+    tensors = _read_tensors(folder, tuple(saved.values()))
     for name, low in new_modules.items():
-        state = {key: tensors.get(f"{name}.{key}") for key in low.state_dict()}
+        state = {key: tensors.get(saved[f"{name}.{key}"]) for key in low.state_dict()}
         missing = [f"{name}.{key}" for key, value in state.items() if value is None]
         if missing:
             raise ValueError(f"svd: {folder} lacks the factors {missing} recorded in the manifest")
