@@ -165,14 +165,17 @@ def similarity_predictions(
 ) -> dict[str, pd.Series]:
     """Image-text scores of the shard's ``rows`` (``images`` maps shard position -> opened image).
 
-    Classification: ``scores`` holds the cosine similarity of the image with each class, classes in
+    Contrastive (ITC) scores come from the adapter's ``similarity``: the cosine of the image and
+    text embeddings, or for BLIP-2 the largest cosine over the image's query outputs.
+
+    Classification: ``scores`` holds the ITC score of the image with each class, classes in
     ascending label order, each class text the normalised mean of its templates' normalised
     embeddings (``settings["templates"]``, CLIP's prompt ensembling); ``prediction`` is the top
     class's name.
 
     Retrieval: the texts are every caption of the whole split in row order. ``scores`` is the
     image's row of the image-to-text score matrix and ``scores_t2i`` its column of the text-to-image
-    matrix. Both are the contrastive (ITC) cosine similarities unless the family has a matching
+    matrix. Both are the ITC scores unless the family has a matching
     head and ``settings["k"]`` > 0: then, as in the BLIP / BLIP-2 evaluation, an image's k most
     similar texts score ITM logit + ITC and every other text scores -100, and in the other
     direction each text's k most similar images are re-ranked the same way. Re-ranking needs every
@@ -192,7 +195,7 @@ def similarity_predictions(
             class_emb = torch.nn.functional.normalize(text_emb.view(len(names), len(templates), -1).mean(1), dim=-1)
             order = sorted(images)
             image_emb = _in_batches(lambda b: adapter.embed_images(loaded, [images[i] for i in b]), order, batch_size)
-            sims = image_emb @ class_emb.T
+            sims = adapter.similarity(loaded, image_emb, class_emb)
             scores: list[list[float] | None] = [None] * len(rows)
             preds: list[str | None] = [None] * len(rows)
             for at, i in enumerate(order):
@@ -219,11 +222,10 @@ def similarity_predictions(
                     except OSError:
                         pass  # That image's own shard records the error; here it just cannot be ranked.
         order = sorted(opened)
-        image_emb = torch.full((len(dataset), text_emb.shape[1]), float("nan"))
-        image_emb[order] = _in_batches(
-            lambda b: adapter.embed_images(loaded, [opened[g] for g in b]), order, batch_size
-        )
-        sims = image_emb @ text_emb.T
+        embedded = _in_batches(lambda b: adapter.embed_images(loaded, [opened[g] for g in b]), order, batch_size)
+        image_emb = embedded.new_full((len(dataset), *embedded.shape[1:]), float("nan"))
+        image_emb[order] = embedded
+        sims = adapter.similarity(loaded, image_emb, text_emb)
         sims[sims.isnan()] = float("-inf")
         n_images = len(order)
         scores, scores_t2i, preds = [None] * len(rows), [None] * len(rows), [None] * len(rows)

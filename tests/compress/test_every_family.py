@@ -40,9 +40,11 @@ def _t5_mlp(config) -> int:
 
 def _qformer(config) -> list[Counter]:
     # Blip2QFormerLayer: attention (4), crossattention every cross_attention_frequency layers (4),
-    # intermediate_query.dense and output_query.dense.
+    # intermediate_query.dense and output_query.dense, and with use_qformer_text_input (the retrieval
+    # Q-Former, which also runs text) the text feed-forward intermediate.dense and output.dense.
     q = config.qformer_config
-    return [_layer(4, 2, cross=4 if i % q.cross_attention_frequency == 0 else 0) for i in range(q.num_hidden_layers)]
+    mlp = 4 if q.use_qformer_text_input else 2
+    return [_layer(4, mlp, cross=4 if i % q.cross_attention_frequency == 0 else 0) for i in range(q.num_hidden_layers)]
 
 
 def _stacks(family: str, config) -> dict[str, list[Counter]]:
@@ -57,6 +59,8 @@ def _stacks(family: str, config) -> dict[str, list[Counter]]:
             "bridge": _qformer(config),
             "language": [OPT] * text.num_hidden_layers,
         }
+    if family == "blip2-itm":
+        return {"vision": [VIT_FUSED] * vision.num_hidden_layers, "bridge": _qformer(config)}
     if family == "blip2-t5":
         mlp = _t5_mlp(text)
         return {
@@ -99,15 +103,14 @@ def _recorded(step: dict) -> Counter:
 
 
 #: Methods that cannot run on a family, with the reason (the step must fail with a clear error).
-#: Head pruning knows the attention layouts of BLIP / BLIP-2 / OPT / CLIP-style towers only.
 NOT_APPLICABLE = (
     {
-        ("prune_heads", family): "prune_heads has no layout for this family's attention yet"
-        for family in ("blip2-t5", "fuyu", "llava", "pix2struct", "qwen2_5_vl")
+        ("lora", family): "the BLIP-2 retrieval model has no language part for this test's LoRA step"
+        for family in ("blip2-itm",)
     }
     | {
-        ("lora", family): "LoRA recovery trains on generated text; this family has no text loss"
-        for family in ("clip", "blip-itm")
+        ("prune_layers", "blip2-itm"): "this test's prune_layers step drops a language layer; the BLIP-2 retrieval "
+        "model has no language model (its Q-Former layers are pruned in tests/models/test_blip2_itm.py)",
     }
     | {
         ("prune_layers", "blip2-t5"): "T5's encoder and decoder blocks are two layer lists; dropping layers in one "

@@ -375,21 +375,6 @@ def test_compression_variants(method, source, shapes_root, test_images, tmp_path
             assert _generate(again, test_images[:3], prompts) == _generate(loaded, test_images[:3], prompts)
 
 
-def test_prune_heads_names_the_fused_attention_it_cannot_split(tiny):
-    import copy
-
-    model = copy.deepcopy(tiny.model)
-    with pytest.raises(ValueError, match="belong to no attention block this method knows"):
-        apply_variant(model, ADAPTER.parts(model), [{"method": "prune_heads", "part": "language", "heads": 1}])
-
-
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="compress.heads.LAYOUTS has no Persimmon layout: its fused query_key_value holds the rows of each "
-    "head together ([q_h; k_h; v_h] per head h), while the one fused layout there (vit_fused_qkv, modules qkv and "
-    "projection) assumes [q | k | v] blocks",
-)
 def test_prune_heads_removes_a_head_from_the_fused_query_key_value(shapes_texts, test_images):
     loaded = ADAPTER.tiny(shapes_texts, seed=0)
     model = loaded.model

@@ -15,6 +15,8 @@ TINY_LAYERS = {
     "blip": (3, 0, 3),
     "blip-itm": (3, 0, 3),
     "blip2-opt": (3, 3, 3),
+    # Retrieval BLIP-2: ViT and Q-Former, no language model.
+    "blip2-itm": (3, 3, 0),
     # T5: 2 encoder blocks, then 2 decoder blocks.
     "blip2-t5": (3, 3, 4),
     "clip": (3, 0, 3),

@@ -61,7 +61,7 @@ TRAINING_KEYS = {
     "max_steps": None,
     "warmup_steps": 50,
     "weight_decay": 0.0,
-    "tasks": ("captioning", "vqa"),
+    "tasks": None,
     "seed": 0,
 }
 

@@ -40,7 +40,8 @@ class FullFinetuneConfig:
     lr: float = 1e-3
     batch_size: int = 16
     weight_decay: float = 0.0
-    tasks: tuple[str, ...] = ("captioning", "vqa")
+    #: Tasks whose examples are trained on; None: the family's (``adapter.train_tasks``, else its tasks).
+    tasks: tuple[str, ...] | None = None
     seed: int = 0
     checkpoint_every: int = 200
     warmup_steps: int = 50
@@ -53,7 +54,7 @@ class FullFinetuneConfig:
         if unknown:
             raise ValueError(f"unknown finetune setting(s) {unknown}; allowed: {sorted(allowed)}")
         values = dict(settings)
-        if "tasks" in values:
+        if values.get("tasks") is not None:
             values["tasks"] = tuple(values["tasks"])
         config = cls(**values)
         for name in ("epochs", "batch_size", "checkpoint_every", "warmup_steps"):
@@ -61,7 +62,7 @@ class FullFinetuneConfig:
                 raise ValueError(f"finetune setting {name} must be at least 1, got {getattr(config, name)}")
         if config.lr <= 0:
             raise ValueError(f"finetune setting lr must be positive, got {config.lr}")
-        for task in config.tasks:
+        for task in config.tasks or ():
             get_task(task)
         return config
 
@@ -132,7 +133,8 @@ def finetune(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
     )
-    n_examples = len(train) * len(config.tasks)
+    tasks = config.tasks or loaded.adapter.train_tasks or loaded.adapter.tasks
+    n_examples = len(train) * len(tasks)
     steps_per_epoch = -(-n_examples // config.batch_size)
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -158,7 +160,7 @@ def finetune(
         if epoch not in epoch_cache:
             epoch_cache.clear()
             order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-            epoch_cache[epoch] = (_examples(loaded, train, config.tasks, epoch), order)
+            epoch_cache[epoch] = (_examples(loaded, train, tasks, epoch), order)
         examples, order = epoch_cache[epoch]
         idx = order[within * config.batch_size : (within + 1) * config.batch_size].tolist()
         batch = [examples[i] for i in idx]
@@ -171,7 +173,7 @@ def finetune(
             encoded.inputs["pixel_values"] = pixel_cache[[r for r, _, _ in batch]]
         for group in optimizer.param_groups:
             group["lr"] = scheduler_lr(step)
-        loss = model(**encoded.inputs).loss
+        loss = loaded.adapter.loss(loaded, encoded)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

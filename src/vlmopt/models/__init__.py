@@ -16,6 +16,7 @@ import torch
 from vlmopt.models.base import PARTS, Encoded, FamilyAdapter, LoadedModel
 from vlmopt.models.blip import BlipAdapter
 from vlmopt.models.blip2 import Blip2OptAdapter
+from vlmopt.models.blip2_itm import Blip2ItmAdapter
 from vlmopt.models.blip2_t5 import Blip2T5Adapter
 from vlmopt.models.blip_itm import BlipItmAdapter
 from vlmopt.models.clip import ClipAdapter
@@ -42,6 +43,7 @@ FAMILIES: dict[str, FamilyAdapter] = {
     for a in (
         BlipAdapter(),
         Blip2OptAdapter(),
+        Blip2ItmAdapter(),
         Blip2T5Adapter(),
         BlipItmAdapter(),
         ClipAdapter(),
@@ -63,7 +65,7 @@ _MODEL_TYPES = {
     "qwen2_5_vl": "qwen2_5_vl",
 }
 #: Model classes that make a family of their own within a model type (retrieval heads).
-_ARCHITECTURES = {"BlipForImageTextRetrieval": "blip-itm"}
+_ARCHITECTURES = {"BlipForImageTextRetrieval": "blip-itm", "Blip2ForImageTextRetrieval": "blip2-itm"}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_TINY_TEXTS = (

@@ -64,18 +64,33 @@ class FamilyAdapter:
     def generate(self, loaded: LoadedModel, encoded: Encoded, **generate_kwargs: Any) -> list[str]:
         raise NotImplementedError
 
+    #: Tasks whose examples finetuning and LoRA train on by default (None: every task in ``tasks``).
+    train_tasks: tuple[str, ...] | None = None
+
+    def loss(self, loaded: LoadedModel, encoded: Encoded) -> torch.Tensor:
+        """Training loss of a batch encoded with targets (the model's own loss on ``labels`` by default)."""
+        return loaded.model(**encoded.inputs).loss
+
     # Image-text similarity (retrieval, zero-shot classification): families with a contrastive head.
 
     #: Whether :meth:`match` scores image-text pairs with a matching (ITM) head.
     matches: bool = False
 
     def embed_images(self, loaded: LoadedModel, images: list) -> torch.Tensor:
-        """L2-normalised image embeddings, one row per image, in the space :meth:`embed_texts` shares."""
+        """L2-normalised image embeddings, one entry per image, in the space :meth:`embed_texts` shares.
+
+        An entry is one row, or for a family that represents an image by several vectors (BLIP-2's
+        query outputs) a (vectors, dim) matrix; :meth:`similarity` reduces either to one score per text.
+        """
         raise NotImplementedError(f"family {self.name!r} has no image-text embedding (tasks: {list(self.tasks)})")
 
     def embed_texts(self, loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings, one row per text."""
         raise NotImplementedError(f"family {self.name!r} has no image-text embedding (tasks: {list(self.tasks)})")
+
+    def similarity(self, loaded: LoadedModel, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Contrastive (ITC) score of every (image, text), shape (n_images, n_texts): the cosine by default."""
+        return image_emb @ text_emb.T
 
     def match(self, loaded: LoadedModel, images: list, texts: list[str]) -> torch.Tensor:
         """Matching score of each pair (``images[i]``, ``texts[i]``): the ITM head's "match" logit."""

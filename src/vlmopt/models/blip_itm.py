@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from vlmopt.models.base import Encoded, FamilyAdapter, LoadedModel
-from vlmopt.models.clip import normalised
+from vlmopt.models.clip import contrastive_loss, normalised
 from vlmopt.models.encoding import pixel_values, text_batch
 from vlmopt.models.tokenizer import train_word_tokenizer
 
@@ -109,6 +109,46 @@ class BlipItmAdapter(FamilyAdapter):
 
     def generate(self, loaded: LoadedModel, encoded: Encoded, **generate_kwargs: Any) -> list[str]:
         raise NotImplementedError("BLIP retrieval models do not generate text; they run retrieval and classification")
+
+    #: Contrastive and matching training pair an image with one of its captions.
+    train_tasks = ("retrieval",)
+    #: Temperature of the contrastive loss: BLIP's initial value (its checkpoints' learned ``temp`` is
+    #: not part of the transformers model).
+    temperature = 0.07
+
+    def loss(self, loaded: LoadedModel, encoded: Encoded) -> torch.Tensor:
+        """BLIP's ITC + ITM losses on a batch of matching pairs.
+
+        ITC: :func:`~vlmopt.models.clip.contrastive_loss` at :attr:`temperature`. ITM: each pair is a
+        positive, and each image's most similar (by ITC) non-identical text in the batch its hard
+        negative, as in BLIP's hard-negative mining (there sampled in proportion to similarity; here
+        the argmax, so training is deterministic). A batch whose texts are all identical has no
+        negative and trains ITC only.
+        """
+        model, inputs = loaded.model, encoded.inputs
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        image_states = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        text_states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        image_feat = normalised(model.vision_proj(image_states[:, 0, :]))
+        text_feat = normalised(model.text_proj(text_states[:, 0, :]))
+        sims = image_feat @ text_feat.T
+        loss = contrastive_loss(sims / self.temperature, ids)
+        same = (ids[:, None, :] == ids[None, :, :]).all(-1)
+        negative = sims.detach().masked_fill(same, float("-inf")).argmax(1)
+        has_negative = ~same.all(1)
+        rows = torch.arange(len(ids), device=ids.device)
+        pairs = torch.cat([rows, rows[has_negative]])
+        texts = torch.cat([rows, negative[has_negative]])
+        labels = torch.cat([torch.ones_like(rows), torch.zeros_like(rows[has_negative])])
+        image_mask = torch.ones(image_states.shape[:-1], dtype=torch.long, device=ids.device)
+        fused = model.text_encoder(
+            input_ids=ids[texts],
+            attention_mask=mask[texts],
+            encoder_hidden_states=image_states[pairs],
+            encoder_attention_mask=image_mask[pairs],
+        ).last_hidden_state
+        itm = model.itm_head(fused[:, 0, :])
+        return loss + torch.nn.functional.cross_entropy(itm.float(), labels)
 
     def _image_states(self, loaded: LoadedModel, images: list) -> torch.Tensor:
         pixels = pixel_values(loaded.processor, images, loaded.model.dtype).to(loaded.model.device)

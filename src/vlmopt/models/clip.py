@@ -23,7 +23,7 @@ from vlmopt.models.base import Encoded, FamilyAdapter, LoadedModel
 from vlmopt.models.encoding import pixel_values, text_batch
 from vlmopt.models.tokenizer import train_word_tokenizer
 
-__all__ = ["ClipAdapter", "normalised"]
+__all__ = ["ClipAdapter", "contrastive_loss", "normalised"]
 
 #: CLIP's end-of-text token; the tiny tokenizer gives it the highest id, as CLIP's own BPE does.
 END_OF_TEXT = "<|endoftext|>"
@@ -32,6 +32,19 @@ END_OF_TEXT = "<|endoftext|>"
 def normalised(features: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm, in float32 (cosine similarity is then a dot product)."""
     return torch.nn.functional.normalize(features.float(), dim=-1)
+
+
+def contrastive_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric image-text InfoNCE over a batch of pairs, ``logits`` (images x texts) already scaled.
+
+    Row i's positives are every text identical to text i (same token ids), not only text i: a batch
+    may hold one caption for several images (COCO-style datasets repeat short captions), and
+    treating those as negatives would push apart pairs that match. With unique texts this is the
+    CLIP loss (cross-entropy against the diagonal, both directions, averaged).
+    """
+    same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1).to(logits.dtype)
+    target = same / same.sum(1, keepdim=True)
+    return (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
 
 
 def _tiny_tokenizer(texts: list[str]) -> Any:
@@ -120,6 +133,14 @@ class ClipAdapter(FamilyAdapter):
 
     def generate(self, loaded: LoadedModel, encoded: Encoded, **generate_kwargs: Any) -> list[str]:
         raise NotImplementedError("CLIP does not generate text; it runs retrieval and classification")
+
+    #: Contrastive training pairs an image with one of its captions.
+    train_tasks = ("retrieval",)
+
+    def loss(self, loaded: LoadedModel, encoded: Encoded) -> torch.Tensor:
+        """CLIP's contrastive loss with its learned temperature, identical captions counted as positives."""
+        out = loaded.model(**encoded.inputs)
+        return contrastive_loss(out.logits_per_image, encoded.inputs["input_ids"])
 
     def embed_images(self, loaded: LoadedModel, images: list) -> torch.Tensor:
         pixels = pixel_values(loaded.processor, images, loaded.model.dtype).to(loaded.model.device)
