@@ -183,6 +183,8 @@ def check_study(config: dict[str, Any]) -> None:
 
 def _check_family_tasks(config: dict[str, Any], i: int, run: dict[str, Any]) -> None:
     """A tiny model's family is known before anything runs: refuse tasks it cannot do."""
+    if not any(config["models"][m]["source"].startswith("tiny:") for m in run["models"]):
+        return  # Hub checkpoints reveal their family only when loaded; skip the costly import.
     from vlmopt.models import FAMILIES
 
     for model in run["models"]:

@@ -29,6 +29,14 @@ def test_batches_hold_images_and_both_tasks(calibration, blip2):
     assert "short answer" in texts[1] and "answer" not in texts[0]
 
 
+def test_a_table_calibrates_the_tasks_it_has_columns_for(blip2, shapes_train, shapes_root):
+    captions_only = shapes_train[["sample_id", "image", "references"]]
+    calibration = Calibration.from_table(blip2, captions_only, shapes_root, n_samples=8, batch_size=4)
+    assert calibration.description["tasks"] == ["captioning"]
+    with pytest.raises(ValueError, match="has the columns of none of the tasks"):
+        Calibration.from_table(blip2, shapes_train[["sample_id", "image", "label"]], shapes_root, n_samples=4)
+
+
 def test_same_seed_same_samples(blip2, shapes_train, shapes_root, calibration):
     again = Calibration.from_table(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=0)
     other = Calibration.from_table(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=1)

@@ -70,9 +70,18 @@ class Calibration:
 
         if n_samples < 1 or batch_size < 1:
             raise ValueError(f"calibration needs n_samples >= 1 and batch_size >= 1, got {n_samples}, {batch_size}")
-        tasks = tuple(t for t in (loaded.adapter.tasks if tasks is None else tasks) if t in loaded.adapter.tasks)
+        wanted = loaded.adapter.tasks if tasks is None else tasks
+        tasks = tuple(t for t in wanted if t in loaded.adapter.tasks)
         if not tasks:
-            raise ValueError(f"family {loaded.family!r} supports none of the calibration tasks")
+            raise ValueError(f"family {loaded.family!r} supports none of the calibration tasks {list(wanted)}")
+        # A table serves the tasks whose columns it has (a captioning set has no questions).
+        served = tuple(t for t in tasks if all(c in table.columns for c in get_task(t).columns))
+        if not served:
+            raise ValueError(
+                f"the calibration table has the columns of none of the tasks {list(tasks)} "
+                f"(it has {sorted(table.columns)})"
+            )
+        tasks = served
         n = min(n_samples, len(table))
         if n == 0:
             raise ValueError("the calibration table is empty")
