@@ -103,20 +103,13 @@ def _recorded(step: dict) -> Counter:
 
 
 #: Methods that cannot run on a family, with the reason (the step must fail with a clear error).
-NOT_APPLICABLE = (
-    {
-        ("lora", family): "the BLIP-2 retrieval model has no language part for this test's LoRA step"
-        for family in ("blip2-itm",)
-    }
-    | {
-        ("prune_layers", "blip2-itm"): "this test's prune_layers step drops a language layer; the BLIP-2 retrieval "
-        "model has no language model (its Q-Former layers are pruned in tests/models/test_blip2_itm.py)",
-    }
-    | {
-        ("prune_layers", "blip2-t5"): "T5's encoder and decoder blocks are two layer lists; dropping layers in one "
-        "must also keep relative_attention_bias (layer 0) and the config's num_layers / num_decoder_layers right",
-    }
-)
+NOT_APPLICABLE = {
+    ("lora", family): "the BLIP-2 retrieval model has no language part for this test's LoRA step"
+    for family in ("blip2-itm",)
+} | {
+    ("prune_layers", "blip2-itm"): "this test's prune_layers step drops a language layer; the BLIP-2 retrieval "
+    "model has no language model (its Q-Former layers are pruned in tests/models/test_blip2_itm.py)",
+}
 
 
 def _steps(dataset: str) -> dict[str, list[dict]]:

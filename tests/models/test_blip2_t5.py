@@ -242,22 +242,28 @@ def test_svd_on_language_mlp(tiny, shapes_root, shapes_test):
         assert torch.isfinite(model(**enc.inputs).loss)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="prune_layers needs a part's layers in one layer list; T5's sit in encoder.block and decoder.block",
-)
-def test_prune_last_language_layer_reloads(shapes_texts, tmp_path):
+def test_prune_last_language_layer_reloads(shapes_texts, shapes_root, shapes_test, tmp_path):
     loaded = Blip2T5Adapter().tiny(shapes_texts, seed=0)
+    n_enc, n_dec = _counts(loaded.model.config)
     n = len(loaded.parts()["language"])
+    images = [open_image(shapes_root, rel) for rel in shapes_test["image"][:3]]
+    enc = loaded.adapter.encode(loaded, images, [""] * 3, ["one red circle", "two blue squares", "a circle"])
     apply_variant(loaded.model, loaded.parts(), [{"method": "prune_layers", "part": "language", "drop_last": 1}])
+    # The part's last layer is the decoder's last block: the encoder keeps its blocks.
+    assert _counts(loaded.model.config) == (n_enc, n_dec - 1)
+    assert len(loaded.model.language_model.decoder.block) == n_dec - 1
     loaded.save(tmp_path / "pruned")
     again = Blip2T5Adapter().from_pretrained(str(tmp_path / "pruned"))
     assert len(again.parts()["language"]) == n - 1
+    assert _counts(again.model.config) == (n_enc, n_dec - 1)
+    assert again.model.state_dict().keys() == loaded.model.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(again.model(**enc.inputs).logits, loaded.model(**enc.inputs).logits)
+    assert _generate(loaded, images, [""] * 3) == _generate(again, images, [""] * 3)
 
 
 def test_dropping_the_last_decoder_block_reloads(trained, shapes_root, shapes_test, tmp_path):
-    """What prune_layers must do for T5: shrink decoder.block and text_config.num_decoder_layers."""
+    """By hand, what prune_layers does for T5's decoder: shrink decoder.block and num_decoder_layers."""
     loaded, _ = trained
     pruned = copy.copy(loaded)
     pruned.model = copy.deepcopy(loaded.model)

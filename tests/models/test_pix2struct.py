@@ -303,17 +303,22 @@ def test_pruned_language_layer_is_saved_and_reloaded(trained, shapes_root, shape
     assert _generate_all(loaded, images, [""] * 4, 4) == _generate_all(again, images, [""] * 4, 4)
 
 
-@pytest.mark.xfail(
-    reason="layer 0 of the T5-style decoder owns relative_attention_bias: dropping it leaves the in-memory model "
-    "without position bias, while the reloaded one gets a newly initialised bias"
-)
 def test_dropping_the_first_language_layer_reloads_the_same_model(
     adapter, shapes_texts, shapes_root, shapes_test, tmp_path
 ):
     loaded = adapter.tiny(shapes_texts, seed=0)
+    key = "decoder.layer.0.self_attention.attention.relative_attention_bias.weight"
+    bias = loaded.model.state_dict()[key].clone()
     apply_variant(loaded.model, loaded.parts(), [{"method": "prune_layers", "part": "language", "layers": [0]}])
+    # Layer 0 owned the decoder's relative position bias; the layer that took its place owns it now.
+    assert loaded.model.decoder.layer[0].self_attention.attention.has_relative_attention_bias
+    assert torch.equal(loaded.model.state_dict()[key], bias)
     loaded.save(tmp_path / "pruned0")
     again = Pix2StructAdapter().from_pretrained(str(tmp_path / "pruned0"))
+    assert again.model.state_dict().keys() == loaded.model.state_dict().keys()
+    assert torch.equal(again.model.state_dict()[key], bias)
     inputs = _patches_input(loaded, shapes_root, shapes_test)
     with torch.no_grad():
-        assert torch.allclose(loaded.model(**inputs).logits, again.model(**inputs).logits)
+        assert torch.equal(loaded.model(**inputs).logits, again.model(**inputs).logits)
+    images = [open_image(shapes_root, p) for p in shapes_test["image"][:2]]
+    assert _generate_all(loaded, images, [""] * 2, 2) == _generate_all(again, images, [""] * 2, 2)

@@ -12,7 +12,8 @@ stacks are the language model (the prompt is read by the encoder, the answer wri
 decoder), a compression step on ``part: language`` is meant to reach both, and the order is the
 order in which a token's information flows through them. Positions (thirds) therefore count over
 encoder and decoder blocks together. The blocks sit in two layer lists
-(``language_model.encoder.block`` and ``language_model.decoder.block``), not one.
+(``language_model.encoder.block`` and ``language_model.decoder.block``); ``prune_layers`` splits
+its indices between them and keeps each stack's relative position bias.
 """
 
 from __future__ import annotations
