@@ -234,11 +234,16 @@ def test_other_image_sizes(tmp_path):
 
 def test_registry_prepares_shapes_and_rejects_unknown_settings(tmp_path):
     spec = DATASETS["shapes"]
-    assert spec.source == "synthetic" and set(spec.tasks) == {"captioning", "vqa", "classification"}
+    assert spec.source == "synthetic" and set(spec.tasks) == {"captioning", "vqa", "classification", "retrieval"}
     paths = spec.prepare(tmp_path, seed=1, n_train=4, n_val=2, n_test=2)
     assert sorted(paths) == sorted(SPLITS) and all(p.is_file() for p in paths.values())
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['n_tain'\]; allowed: \['n_train'"):
         spec.prepare(tmp_path, n_tain=4)
+
+
+def test_retrieval_captions_are_the_references(tables):
+    for table in tables.values():
+        assert [list(c) for c in table["captions"]] == [list(r) for r in table["references"]]
 
 
 def test_positions_all_appear(tables):
