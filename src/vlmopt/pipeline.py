@@ -37,18 +37,29 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def prepare_dataset(name: str, settings: dict[str, Any], out_dir: str | Path, *, seed: int = 0) -> None:
-    """Create dataset ``name`` under ``out_dir`` as ``{split}.parquet`` tables and an ``images/`` folder."""
-    from vlmopt.data import make_shapes
+def prepare_dataset(
+    name: str, settings: dict[str, Any], out_dir: str | Path, *, seed: int = 0, raw_dir: str | Path | None = None
+) -> None:
+    """Create dataset ``name`` under ``out_dir`` as ``{split}.parquet`` tables and an ``images/`` folder.
 
-    source = settings.get("source")
-    if source != "synthetic":
+    ``settings`` is the study's entry for the dataset: its ``source`` (``synthetic`` is the shapes
+    dataset, any other value a registered dataset of ``vlmopt.data.DATASETS``) and the source's
+    options. Downloads go to ``raw_dir`` (default ``resources/raw/<name>`` beside ``out_dir``'s
+    parent), kept between runs so an interrupted one resumes.
+    """
+    from vlmopt.data import DATASETS, get_dataset
+
+    source = settings.get("source", "synthetic")
+    if source != "synthetic" and source not in DATASETS:
         raise ValueError(
             f"dataset {name!r}: source {source!r} can be declared in a study, but this version of vlmopt cannot "
-            "prepare it yet (supported: synthetic)"
+            f"prepare it yet (available: synthetic, {', '.join(sorted(k for k in DATASETS if k != 'shapes'))})"
         )
-    options = {k: settings[k] for k in ("n_train", "n_val", "n_test", "image_size") if k in settings}
-    make_shapes(out_dir, seed=seed, **options)
+    spec = get_dataset("shapes" if source == "synthetic" else source)
+    options = {k: v for k, v in settings.items() if k not in ("source", "templates")}
+    if spec.downloads and raw_dir is None:
+        raw_dir = Path(out_dir).parent.parent / "raw" / name
+    spec.prepare(out_dir, seed=seed, raw_dir=raw_dir, **options)
 
 
 def build_model(

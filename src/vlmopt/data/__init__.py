@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmopt.data.coco import make_coco2017_val
+from vlmopt.data.download import safe_extract
 from vlmopt.data.schema import (
     TASK_COLUMNS,
     dataset_texts,
@@ -28,6 +30,7 @@ __all__ = [
     "get_dataset",
     "make_shapes",
     "read_split",
+    "safe_extract",
     "validate_dataset_table",
     "write_table",
 ]
@@ -48,12 +51,22 @@ class DatasetSource:
     splits: tuple[str, ...] = ("train", "val", "test")
     offline: bool = True
     description: str = ""
+    #: Whether ``build`` downloads published files into a raw folder (``raw_dir``) first.
+    downloads: bool = False
 
-    def prepare(self, root: str | Path, *, seed: int = 0, **settings: Any) -> dict[str, Path]:
-        """Write the dataset under ``root``; an unknown setting is an error naming the allowed ones."""
+    def prepare(
+        self, root: str | Path, *, seed: int = 0, raw_dir: str | Path | None = None, **settings: Any
+    ) -> dict[str, Path]:
+        """Write the dataset under ``root``; an unknown setting is an error naming the allowed ones.
+
+        A downloading source keeps its files in ``raw_dir`` (default ``<root>/raw``), where a
+        rerun finds them, or the part already received, again.
+        """
         unknown = sorted(set(settings) - set(self.options))
         if unknown:
             raise ValueError(f"dataset {self.name!r}: unknown setting(s) {unknown}; allowed: {list(self.options)}")
+        if self.downloads:
+            settings["raw_dir"] = Path(raw_dir) if raw_dir is not None else Path(root) / "raw"
         return self.build(root, seed=seed, **settings)
 
 
@@ -65,6 +78,16 @@ DATASETS: dict[str, DatasetSource] = {
         options=("n_train", "n_val", "n_test", "image_size"),
         tasks=("captioning", "vqa", "classification", "retrieval"),
         description="coloured shapes on a light background; captions, VQA, retrieval and real-vs-generated labels",
+    ),
+    "coco2017-val": DatasetSource(
+        name="coco2017-val",
+        source="coco2017-val",
+        build=make_coco2017_val,
+        options=("max_samples", "mirror"),
+        tasks=("captioning", "retrieval"),
+        offline=False,
+        downloads=True,
+        description="COCO val2017: 5,000 images with about five captions each (test split)",
     ),
 }
 
