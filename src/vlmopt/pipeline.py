@@ -305,7 +305,7 @@ def score_predictions(
     predictions: str | Path, table: str | Path, out: str | Path, *, keys: dict[str, str], settings: Any
 ) -> dict[str, float]:
     """Score predictions against the dataset split on CPU and write long-format score rows."""
-    from vlmopt.metrics import caption_scores, vqa_accuracy
+    from vlmopt.metrics import caption_scores, exact_match_accuracy, vqa_accuracy
 
     preds, _ = read_predictions(predictions)
     data = pd.read_parquet(table)
@@ -323,6 +323,8 @@ def score_predictions(
         result = vqa_accuracy(pred, answers, types)
         metrics = {"vqa_accuracy": result["overall"]}
         metrics.update({f"vqa_accuracy/{t}": v for t, v in result["per_answer_type"].items()})
+        # Single-answer datasets (GQA) are scored by exact match; VQA accuracy cannot reach 100 there.
+        metrics["exact_match"] = exact_match_accuracy(pred, answers)["overall"]
     elif task in ("retrieval", "classification"):
         metrics = _similarity_metrics(task, preds, pd.read_parquet(table))
     else:

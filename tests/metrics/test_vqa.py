@@ -171,3 +171,22 @@ def test_answer_types_must_cover_the_same_ids():
 def test_bad_input(predictions, answers, error, match):
     with pytest.raises(error, match=match):
         vqa_accuracy(predictions, answers)
+
+
+def test_exact_match_compares_with_the_majority_answer_after_normalisation():
+    from vlmopt.metrics import exact_match_accuracy
+
+    answers = {
+        "gqa1": ["dog"],
+        "gqa2": ["2"],
+        "gqa3": ["left"],
+        # VQAv2-style: "no" is the majority of ten, so "yes" (3 annotators) is not an exact match.
+        "v1": ["yes"] * 3 + ["no"] * 7,
+    }
+    predictions = {"gqa1": "The Dog.", "gqa2": "two", "gqa3": "right", "v1": "yes"}
+    result = exact_match_accuracy(predictions, answers)
+    assert result["per_question"] == {"gqa1": 100.0, "gqa2": 100.0, "gqa3": 0.0, "v1": 0.0}
+    assert result["overall"] == 50.0
+    # Ties go to the first listed answer.
+    assert exact_match_accuracy({"q": "cat"}, {"q": ["cat", "dog"]})["overall"] == 100.0
+    assert exact_match_accuracy({"q": "dog"}, {"q": ["cat", "dog"]})["overall"] == 0.0

@@ -16,7 +16,7 @@ from vlmopt.metrics.caption import (
     evaluate_captions,
 )
 from vlmopt.metrics.retrieval import retrieval_recall, topk_accuracy
-from vlmopt.metrics.vqa import vqa_accuracy
+from vlmopt.metrics.vqa import exact_match_accuracy, vqa_accuracy
 
 __all__ = [
     "CAPTION_METRICS",
@@ -24,6 +24,7 @@ __all__ = [
     "caption_scores",
     "caption_scores_per_sample",
     "evaluate_captions",
+    "exact_match_accuracy",
     "retrieval_recall",
     "topk_accuracy",
     "vqa_accuracy",

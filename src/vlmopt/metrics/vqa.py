@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["check_ids", "normalize_answer", "question_accuracy", "vqa_accuracy"]
+__all__ = ["check_ids", "exact_match_accuracy", "normalize_answer", "question_accuracy", "vqa_accuracy"]
 
 log = logging.getLogger(__name__)
 
@@ -188,4 +188,33 @@ def vqa_accuracy(
         "per_answer_type": {t: _percent(accs, 2) for t, accs in by_type.items()},
         "per_question": {qid: 100 * acc for qid, acc in per_question_acc.items()},
         "n_questions": len(per_question_acc),
+    }
+
+
+def exact_match_accuracy(predictions: dict[str, str], answers: dict[str, list[str]]) -> dict[str, Any]:
+    """Share of predictions (percent) equal to the question's answer after the official normalisation.
+
+    The answer is the most frequent of the human answers (ties: the first listed), so for
+    single-answer datasets (GQA, whose evaluation compares after removing punctuation and articles
+    and mapping number words to digits) it is that answer. Both sides are fully normalised, always.
+    Returns ``overall`` (rounded to 2 decimals), ``per_question`` (0 or 100) and ``n_questions``.
+    """
+    check_ids(predictions, answers, "predictions", "answers")
+    if not answers:
+        raise ValueError("no questions to score")
+    per_question = {}
+    for qid, gt in answers.items():
+        gt = list(gt)
+        if not gt:
+            raise ValueError(f"answers[{qid!r}] is empty: every question needs at least one answer")
+        counts: dict[str, int] = {}
+        for answer in gt:
+            counts[answer] = counts.get(answer, 0) + 1
+        majority = max(counts, key=lambda a: (counts[a], -gt.index(a)))
+        same = normalize_answer(predictions[qid]) == normalize_answer(majority)
+        per_question[qid] = 100.0 if same else 0.0
+    return {
+        "overall": round(sum(per_question.values()) / len(per_question), 2),
+        "per_question": per_question,
+        "n_questions": len(per_question),
     }
