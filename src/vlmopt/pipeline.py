@@ -305,7 +305,7 @@ def score_predictions(
     predictions: str | Path, table: str | Path, out: str | Path, *, keys: dict[str, str], settings: Any
 ) -> dict[str, float]:
     """Score predictions against the dataset split on CPU and write long-format score rows."""
-    from vlmopt.metrics import caption_scores, exact_match_accuracy, vqa_accuracy
+    from vlmopt.metrics import caption_scores, exact_match_accuracy, vqa_accuracy, word_error_rate
 
     preds, _ = read_predictions(predictions)
     data = pd.read_parquet(table)
@@ -325,6 +325,11 @@ def score_predictions(
         metrics.update({f"vqa_accuracy/{t}": v for t, v in result["per_answer_type"].items()})
         # Single-answer datasets (GQA) are scored by exact match; VQA accuracy cannot reach 100 there.
         metrics["exact_match"] = exact_match_accuracy(pred, answers)["overall"]
+        # Word error rate against the most common answer (ties: the first listed), as generated.
+        majority = {sid: max(a, key=lambda x, a=a: (a.count(x), -a.index(x))) for sid, a in answers.items()}
+        scorable = {sid: m for sid, m in majority.items() if any(ch.isalnum() for ch in m)}
+        if scorable:  # an answer with no word (punctuation only) has no word error rate
+            metrics["wer"] = word_error_rate({sid: pred[sid] for sid in scorable}, scorable)["wer"]
     elif task in ("retrieval", "classification"):
         metrics = _similarity_metrics(task, preds, pd.read_parquet(table))
     else:

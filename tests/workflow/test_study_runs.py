@@ -46,9 +46,18 @@ def test_tables_and_plots_are_complete(finished_study):
     # and 2 contrastive models x none/{baseline, w8-language} x (retrieval, classification).
     assert len(summary) == 12 + 8
     assert set(summary["task"]) == {"captioning", "vqa", "retrieval", "classification"}
-    assert {"CIDEr", "METEOR", "Bleu_4", "vqa_accuracy", "exact_match", "r_mean", "txt_r1", "img_r10", "top1"} <= set(
-        summary.columns
-    )
+    assert {
+        "CIDEr",
+        "METEOR",
+        "Bleu_4",
+        "vqa_accuracy",
+        "exact_match",
+        "wer",
+        "r_mean",
+        "txt_r1",
+        "img_r10",
+        "top1",
+    } <= set(summary.columns)
     assert set(summary.loc[summary["task"] == "retrieval", "model"]) == {"clip-tiny", "blip-itm-tiny"}
     assert summary["size_bytes"].gt(0).all()
     assert scores["git_sha"].notna().all() and scores["config_hash"].str.len().eq(16).all()

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmopt.data.cifar100 import make_cifar100_test
 from vlmopt.data.coco import make_coco2017_val
 from vlmopt.data.download import safe_extract
+from vlmopt.data.genimage import make_genimage_biggan
+from vlmopt.data.imagenet import make_imagenet_val
 from vlmopt.data.schema import (
     TASK_COLUMNS,
     dataset_texts,
@@ -21,6 +24,7 @@ from vlmopt.data.schema import (
     write_table,
 )
 from vlmopt.data.synthetic import make_shapes
+from vlmopt.data.vqa_sources import make_gqa_testdev, make_textvqa_val, make_vqav2_val
 
 __all__ = [
     "DATASETS",
@@ -88,6 +92,62 @@ DATASETS: dict[str, DatasetSource] = {
         offline=False,
         downloads=True,
         description="COCO val2017: 5,000 images with about five captions each (test split)",
+    ),
+    "cifar100-test": DatasetSource(
+        name="cifar100-test",
+        source="cifar100-test",
+        build=make_cifar100_test,
+        options=("max_samples", "mirror"),
+        tasks=("classification",),
+        offline=False,
+        downloads=True,
+        description="CIFAR-100 test: 10,000 32x32 images of 100 classes (test split)",
+    ),
+    "genimage-biggan": DatasetSource(
+        name="genimage-biggan",
+        source="genimage-biggan",
+        build=make_genimage_biggan,
+        options=("path", "max_samples"),
+        tasks=("classification",),
+        description="GenImage BigGAN subset from a local copy: real vs generated (train, and val as test)",
+    ),
+    "imagenet-val": DatasetSource(
+        name="imagenet-val",
+        source="imagenet-val",
+        build=make_imagenet_val,
+        options=("path", "max_samples"),
+        tasks=("classification",),
+        description="ImageNet-1k validation from a local copy: 50,000 images of 1,000 classes (test split)",
+    ),
+    "vqav2-val": DatasetSource(
+        name="vqav2-val",
+        source="vqav2-val",
+        build=make_vqav2_val,
+        options=("max_samples", "mirror"),
+        tasks=("vqa",),
+        offline=False,
+        downloads=True,
+        description="VQA v2 val2014: 214,354 questions about COCO images, ten answers each (test split)",
+    ),
+    "textvqa-val": DatasetSource(
+        name="textvqa-val",
+        source="textvqa-val",
+        build=make_textvqa_val,
+        options=("max_samples", "mirror"),
+        tasks=("vqa",),
+        offline=False,
+        downloads=True,
+        description="TextVQA 0.5.1 val: 5,000 questions about text in images, ten answers each (test split)",
+    ),
+    "gqa-testdev": DatasetSource(
+        name="gqa-testdev",
+        source="gqa-testdev",
+        build=make_gqa_testdev,
+        options=("max_samples", "mirror"),
+        tasks=("vqa",),
+        offline=False,
+        downloads=True,
+        description="GQA balanced test-dev: 12,578 questions, one answer each, typed by structure (test split)",
     ),
 }
 

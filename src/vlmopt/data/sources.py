@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from vlmopt.data.download import download
-from vlmopt.data.schema import write_table
+from vlmopt.data.schema import _KNOWN, write_table
 
 __all__ = ["SPLITS", "RemoteFile", "deterministic_subset", "fetch", "write_splits"]
 
@@ -64,5 +65,5 @@ def write_splits(
     unknown = set(tables) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; splits are {list(SPLITS)}")
-    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    empty = pd.DataFrame({c: pd.Series(dtype="int64" if _KNOWN.get(c) == pa.int64() else object) for c in columns})
     return {split: write_table(tables.get(split, empty), root / f"{split}.parquet", tasks=tasks) for split in SPLITS}

@@ -17,6 +17,7 @@ from vlmopt.metrics.caption import (
 )
 from vlmopt.metrics.retrieval import retrieval_recall, topk_accuracy
 from vlmopt.metrics.vqa import exact_match_accuracy, vqa_accuracy
+from vlmopt.metrics.wer import strip_prompt, word_error_rate
 
 __all__ = [
     "CAPTION_METRICS",
@@ -26,6 +27,8 @@ __all__ = [
     "evaluate_captions",
     "exact_match_accuracy",
     "retrieval_recall",
+    "strip_prompt",
     "topk_accuracy",
     "vqa_accuracy",
+    "word_error_rate",
 ]
