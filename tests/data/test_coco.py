@@ -94,4 +94,4 @@ def test_unknown_setting_and_undeclared_source_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['n_train'\]"):
         prepare_dataset("coco", {"source": "coco2017-val", "n_train": 3}, tmp_path / "x")
     with pytest.raises(ValueError, match="cannot prepare it yet"):
-        prepare_dataset("v2", {"source": "imagenetv2"}, tmp_path / "y")
+        prepare_dataset("v2", {"source": "no-such-source"}, tmp_path / "y")

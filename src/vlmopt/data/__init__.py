@@ -16,6 +16,8 @@ from vlmopt.data.coco import make_coco2017_val
 from vlmopt.data.download import safe_extract
 from vlmopt.data.genimage import make_genimage_biggan
 from vlmopt.data.imagenet import make_imagenet_val
+from vlmopt.data.imagenetv2 import make_imagenetv2
+from vlmopt.data.karpathy import make_coco2014_karpathy, make_flickr30k_1k
 from vlmopt.data.schema import (
     TASK_COLUMNS,
     dataset_texts,
@@ -148,6 +150,36 @@ DATASETS: dict[str, DatasetSource] = {
         offline=False,
         downloads=True,
         description="GQA balanced test-dev: 12,578 questions, one answer each, typed by structure (test split)",
+    ),
+    "coco2014-karpathy": DatasetSource(
+        name="coco2014-karpathy",
+        source="coco2014-karpathy",
+        build=make_coco2014_karpathy,
+        options=("splits", "max_samples", "mirror"),
+        tasks=("captioning", "retrieval"),
+        offline=False,
+        downloads=True,
+        description="COCO 2014 Karpathy split: 5,000 test images, five captions each (test; val/train via 'splits')",
+    ),
+    "flickr30k-1k": DatasetSource(
+        name="flickr30k-1k",
+        source="flickr30k-1k",
+        build=make_flickr30k_1k,
+        options=("path", "max_samples", "mirror"),
+        tasks=("captioning", "retrieval"),
+        offline=False,
+        downloads=True,
+        description="Flickr30k Karpathy test split: 1,000 local images, five downloaded captions each (test split)",
+    ),
+    "imagenetv2": DatasetSource(
+        name="imagenetv2",
+        source="imagenetv2",
+        build=make_imagenetv2,
+        options=("classes", "max_samples", "mirror"),
+        tasks=("classification",),
+        offline=False,
+        downloads=True,
+        description="ImageNetV2 matched-frequency: 10,000 new images of the 1,000 ImageNet classes (test split)",
     ),
 }
 
