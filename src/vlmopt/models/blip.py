@@ -33,15 +33,16 @@ class BlipAdapter(FamilyAdapter):
     tiny_patch_size = 8
     prompts = {"captioning": "", "vqa": "question: {question} answer:"}
 
-    def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
-        tokenizer = train_word_tokenizer([*texts, self.prompts["vqa"]])
+    @classmethod
+    def tiny_configs(cls, tokenizer: Any, image_size: int) -> tuple[BlipVisionConfig, BlipTextConfig]:
+        """Vision and text configs of a tiny BLIP (captioning and retrieval models share them)."""
         vision = BlipVisionConfig(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=3,
             num_attention_heads=2,
             image_size=image_size,
-            patch_size=self.tiny_patch_size,
+            patch_size=cls.tiny_patch_size,
             # The vision config's default initializer range (1e-10) leaves a random ViT inert.
             initializer_range=0.02,
         )
@@ -58,6 +59,11 @@ class BlipAdapter(FamilyAdapter):
             eos_token_id=tokenizer.eos_token_id,
             sep_token_id=tokenizer.sep_token_id,
         )
+        return vision, text
+
+    def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
+        tokenizer = train_word_tokenizer([*texts, self.prompts["vqa"]])
+        vision, text = self.tiny_configs(tokenizer, image_size)
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text))
         processor = BlipProcessor(

@@ -18,16 +18,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import (
-    BlipConfig,
-    BlipForImageTextRetrieval,
-    BlipImageProcessorPil,
-    BlipProcessor,
-    BlipTextConfig,
-    BlipVisionConfig,
-)
+from transformers import BlipConfig, BlipForImageTextRetrieval, BlipImageProcessorPil, BlipProcessor
 
 from vlmopt.models.base import Encoded, FamilyAdapter, LoadedModel
+from vlmopt.models.blip import BlipAdapter
 from vlmopt.models.clip import contrastive_loss, normalised
 from vlmopt.models.encoding import pixel_values, text_batch
 from vlmopt.models.tokenizer import train_word_tokenizer
@@ -39,36 +33,12 @@ class BlipItmAdapter(FamilyAdapter):
     name = "blip-itm"
     tasks = ("retrieval", "classification")
     matches = True
-    #: Patch side of the tiny model's vision encoder, in pixels.
-    tiny_patch_size = 8
     # Texts are encoded as given (captions; class names already set in the dataset's templates).
     prompts = {"retrieval": "{question}", "classification": "{question}"}
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
         tokenizer = train_word_tokenizer([*texts, "a photo of a"])
-        vision = BlipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=self.tiny_patch_size,
-            # The vision config's default initializer range (1e-10) leaves a random ViT inert.
-            initializer_range=0.02,
-        )
-        text = BlipTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            encoder_hidden_size=32,
-            max_position_embeddings=64,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            sep_token_id=tokenizer.sep_token_id,
-        )
+        vision, text = BlipAdapter.tiny_configs(tokenizer, image_size)
         torch.manual_seed(seed)
         config = BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_text_hidden_size=32)
         model = BlipForImageTextRetrieval(config)
