@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["pad_right", "pixel_values", "text_batch", "text_ids"]
+__all__ = ["first_eos_id", "pad_right", "pixel_values", "rgb_arrays", "text_batch", "text_ids"]
 
 
 def text_ids(tokenizer: Any, text: str) -> list[int]:
@@ -34,8 +34,20 @@ def pad_right(sequences: list[list[int]], labels: list[list[int]] | None, *, pad
 
 def pixel_values(processor: Any, images: list, dtype: torch.dtype) -> torch.Tensor:
     """Preprocess PIL images (or arrays) into a float tensor of the model's dtype."""
-    images = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else im for im in images]
-    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"].to(dtype)
+    return processor.image_processor(images=rgb_arrays(images), return_tensors="pt")["pixel_values"].to(dtype)
+
+
+def rgb_arrays(images: list) -> list:
+    """PIL images as RGB numpy arrays (arrays pass through), the input every image processor takes."""
+    return [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else im for im in images]
+
+
+def first_eos_id(loaded: Any) -> int:
+    """The language model's end-of-sequence id (the first, if the config lists several), else the tokenizer's."""
+    eos = loaded.model.config.text_config.eos_token_id
+    if eos is None:
+        eos = loaded.tokenizer.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
 
 
 def text_batch(tokenizer: Any, texts: list[str], *, max_length: int) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessorPil, Fuy
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmopt.models.base import Encoded, FamilyAdapter, LoadedModel
-from vlmopt.models.encoding import pad_right, text_ids
+from vlmopt.models.encoding import first_eos_id, pad_right, rgb_arrays, text_ids
 from vlmopt.models.tokenizer import train_word_tokenizer
 
 __all__ = ["BEGIN_ANSWER_TOKEN", "IMAGE_TOKEN", "NEWLINE_TOKEN", "FuyuAdapter"]
@@ -140,7 +140,7 @@ class FuyuAdapter(FamilyAdapter):
         """
         image_processor = loaded.processor.image_processor
         patch_h, patch_w = _side(image_processor.patch_size, "height"), _side(image_processor.patch_size, "width")
-        arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else im for im in images]
+        arrays = rgb_arrays(images)
         out = image_processor(images=arrays)
         patches = []
         for i in range(len(arrays)):
@@ -185,7 +185,7 @@ class FuyuAdapter(FamilyAdapter):
             inputs = _pad_left(prompt_ids, pad_id=pad)
             prompt_length = inputs["input_ids"].shape[1]
         else:
-            eos = self._eos_id(loaded)
+            eos = first_eos_id(loaded)
             sequences = [p + text_ids(tok, t) + [eos] for p, t in zip(prompt_ids, targets, strict=True)]
             # Image tokens, newlines, <s>, the prompt and <0x04> are never learned; padding neither.
             labels = [[-100] * len(p) + s[len(p) :] for p, s in zip(prompt_ids, sequences, strict=True)]
@@ -197,7 +197,7 @@ class FuyuAdapter(FamilyAdapter):
 
     def generate(self, loaded: LoadedModel, encoded: Encoded, **generate_kwargs: Any) -> list[str]:
         model = loaded.model
-        generate_kwargs.setdefault("eos_token_id", self._eos_id(loaded))
+        generate_kwargs.setdefault("eos_token_id", first_eos_id(loaded))
         generate_kwargs.setdefault("pad_token_id", self._pad_id(loaded))
         inputs = dict(encoded.inputs)
         copies = int(generate_kwargs.get("num_beams") or 1) * int(generate_kwargs.get("num_return_sequences") or 1)
@@ -210,19 +210,12 @@ class FuyuAdapter(FamilyAdapter):
         return loaded.tokenizer.batch_decode(out[:, encoded.prompt_length :], skip_special_tokens=True)
 
     @staticmethod
-    def _eos_id(loaded: LoadedModel) -> int:
-        eos = loaded.model.config.text_config.eos_token_id
-        if eos is None:
-            eos = loaded.tokenizer.eos_token_id
-        return eos[0] if isinstance(eos, list) else eos
-
-    @staticmethod
     def _pad_id(loaded: LoadedModel) -> int:
         # FuyuProcessor sets the tokenizer's pad id (0) when it is built.
         for pad in (loaded.model.config.text_config.pad_token_id, loaded.tokenizer.pad_token_id):
             if pad is not None:
                 return pad
-        return FuyuAdapter._eos_id(loaded)
+        return first_eos_id(loaded)
 
 
 def _side(size: Any, key: str) -> int:

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from vlmopt.models.base import Encoded, FamilyAdapter, LoadedModel
-from vlmopt.models.encoding import pad_right, pixel_values, text_ids
+from vlmopt.models.encoding import first_eos_id, pad_right, pixel_values, text_ids
 from vlmopt.models.tokenizer import train_word_tokenizer
 
 __all__ = ["LlavaAdapter", "num_image_tokens"]
@@ -138,7 +138,7 @@ class LlavaAdapter(FamilyAdapter):
         if targets is None:
             sequences, labels = prompt_ids, None
         else:
-            eos = self._eos_id(loaded)
+            eos = first_eos_id(loaded)
             sequences = [p + text_ids(tok, t) + [eos] for p, t in zip(prompt_ids, targets, strict=True)]
             labels = [[-100] * len(p) + s[len(p) :] for p, s in zip(prompt_ids, sequences, strict=True)]
         inputs = pad_right(sequences, labels, pad_id=self._pad_id(loaded))
@@ -147,17 +147,10 @@ class LlavaAdapter(FamilyAdapter):
         return Encoded(inputs, prompt_length=len(prompt_ids[0]))
 
     def generate(self, loaded: LoadedModel, encoded: Encoded, **generate_kwargs: Any) -> list[str]:
-        generate_kwargs.setdefault("eos_token_id", self._eos_id(loaded))
+        generate_kwargs.setdefault("eos_token_id", first_eos_id(loaded))
         generate_kwargs.setdefault("pad_token_id", self._pad_id(loaded))
         out = loaded.model.generate(**encoded.inputs, **generate_kwargs)
         return loaded.tokenizer.batch_decode(out[:, encoded.prompt_length :], skip_special_tokens=True)
-
-    @staticmethod
-    def _eos_id(loaded: LoadedModel) -> int:
-        eos = loaded.model.config.text_config.eos_token_id
-        if eos is None:
-            eos = loaded.tokenizer.eos_token_id
-        return eos[0] if isinstance(eos, list) else eos
 
     @staticmethod
     def _pad_id(loaded: LoadedModel) -> int:
@@ -169,4 +162,4 @@ class LlavaAdapter(FamilyAdapter):
         ):
             if pad is not None:
                 return pad
-        return LlavaAdapter._eos_id(loaded)
+        return first_eos_id(loaded)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -39,7 +38,7 @@ from transformers import (
 )
 
 from vlmopt.models.base import Encoded, FamilyAdapter, LoadedModel
-from vlmopt.models.encoding import pad_right, text_ids
+from vlmopt.models.encoding import pad_right, rgb_arrays, text_ids
 from vlmopt.models.tokenizer import train_word_tokenizer
 
 __all__ = ["Pix2StructAdapter"]
@@ -131,7 +130,7 @@ class Pix2StructAdapter(FamilyAdapter):
         ``headers`` are drawn above the images when the checkpoint renders headers (VQA checkpoints).
         """
         image_processor = loaded.processor.image_processor
-        arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else im for im in images]
+        arrays = rgb_arrays(images)
         # Passed explicitly: Pix2StructProcessor's own default (2048) would override the image
         # processor's setting if the call went through the processor.
         kwargs: dict[str, Any] = {"max_patches": image_processor.max_patches}

@@ -43,7 +43,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -56,7 +55,7 @@ from transformers import (
 )
 
 from vlmopt.models.base import Encoded, FamilyAdapter, LoadedModel
-from vlmopt.models.encoding import pad_right, text_ids
+from vlmopt.models.encoding import pad_right, rgb_arrays, text_ids
 from vlmopt.models.tokenizer import train_word_tokenizer
 
 __all__ = ["CHAT_TOKENS", "Qwen25VLAdapter", "QwenVLProcessor"]
@@ -206,7 +205,7 @@ class Qwen25VLAdapter(FamilyAdapter):
 
         ``prompts`` is accepted for the common hook signature; the image inputs do not depend on it.
         """
-        arrays = [np.asarray(im.convert("RGB")) if hasattr(im, "convert") else im for im in images]
+        arrays = rgb_arrays(images)
         out = loaded.processor.image_processor(images=arrays, return_tensors="pt")
         return {"pixel_values": out["pixel_values"].to(loaded.model.dtype), "image_grid_thw": out["image_grid_thw"]}
 
