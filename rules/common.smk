@@ -44,7 +44,15 @@ scattergather:
 
 
 def _alternatives(names):
-    return "|".join(re.escape(n) for n in sorted(names))
+    # No names: a pattern that matches nothing.
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
+
+
+# Datasets labeled from another dataset (label_dataset) and those prepared from a source.
+LABELED = sorted(
+    d for d, s in config["datasets"].items() if s.get("source") == "labeled"
+)
+PREPARED = sorted(set(config["datasets"]) - set(LABELED))
 
 
 wildcard_constraints:
@@ -53,7 +61,7 @@ wildcard_constraints:
     ft=_alternatives(set(config.get("finetune", {})) | {"none"}),
     trained=_alternatives(set(config.get("finetune", {})) - {"none"}),
     variant="[a-z0-9_-]+",
-    task="captioning|vqa|retrieval|classification",
+    task="captioning|vqa|retrieval|classification|real_vs_generated",
     split="train|val|test",
 
 
@@ -64,6 +72,25 @@ def dataset_settings(wildcards):
         for k, v in config["datasets"][wildcards.dataset].items()
         if k != "templates"
     }
+
+
+def label_inputs(wildcards):
+    """The labeled dataset's source tables and images, and the captioner's model folder if any."""
+    spec = config["datasets"][wildcards.dataset]
+    source = spec["dataset"]
+    inputs = {
+        "tables": expand(f"resources/data/{source}/{{split}}.parquet", split=SPLITS),
+        "images": f"resources/data/{source}/images",
+    }
+    captioner = spec.get("captioner")
+    if captioner:
+        ft = captioner.get("finetune", "none")
+        inputs["captioner"] = (
+            f"resources/models/{captioner['model']}"
+            if ft == "none"
+            else f"results/finetuned/{captioner['model']}/{ft}"
+        )
+    return inputs
 
 
 def model_settings(wildcards):

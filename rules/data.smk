@@ -4,6 +4,8 @@ rule prepare_dataset:
         images=directory("resources/data/{dataset}/images"),
     log:
         "logs/prepare_dataset/{dataset}.log",
+    wildcard_constraints:
+        dataset=_alternatives(PREPARED),
     conda:
         "../workflow/envs/vlmopt.yaml"
     params:
@@ -11,3 +13,27 @@ rule prepare_dataset:
         seed=config.get("seed", 0),
     script:
         "../workflow/scripts/prepare_dataset.py"
+
+
+# Real-vs-generated label texts (and the study's exp2_*.csv files) from another dataset's images,
+# captioned by a model of the study where one is configured.
+rule label_dataset:
+    input:
+        unpack(label_inputs),
+    output:
+        tables=expand("resources/data/{{dataset}}/{split}.parquet", split=SPLITS),
+        images=directory("resources/data/{dataset}/images"),
+        csv=expand(
+            "resources/data/{{dataset}}/exp2_{split}_data9.csv",
+            split=["train", "test"],
+        ),
+    log:
+        "logs/label_dataset/{dataset}.log",
+    wildcard_constraints:
+        dataset=_alternatives(LABELED),
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    params:
+        settings=dataset_settings,
+    script:
+        "../workflow/scripts/label_dataset.py"

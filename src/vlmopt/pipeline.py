@@ -25,6 +25,7 @@ __all__ = [
     "compress_model",
     "finetune_model",
     "gather_predictions",
+    "label_dataset",
     "load_variant",
     "predict_shard",
     "prepare_dataset",
@@ -50,6 +51,8 @@ def prepare_dataset(
     from vlmopt.data import DATASETS, get_dataset
 
     source = settings.get("source", "synthetic")
+    if source == "labeled":
+        raise ValueError(f"dataset {name!r} is labeled from another dataset: label_dataset prepares it")
     if source != "synthetic" and source not in DATASETS:
         raise ValueError(
             f"dataset {name!r}: source {source!r} can be declared in a study, but this version of vlmopt cannot "
@@ -62,6 +65,57 @@ def prepare_dataset(
     spec.prepare(out_dir, seed=seed, raw_dir=raw_dir, **options)
 
 
+def label_dataset(
+    name: str,
+    settings: dict[str, Any],
+    source_root: str | Path,
+    out_dir: str | Path,
+    *,
+    captioner_dir: str | Path | None = None,
+) -> None:
+    """Label dataset ``settings['dataset']`` (at ``source_root``) for real-vs-generated finetuning.
+
+    With a captioner (``settings['captioner']``: ``model``, ``finetune``, ``reason``,
+    ``batch_size``, ``max_new_tokens``, ``num_beams``), the model in ``captioner_dir`` captions
+    every image and, unless ``reason`` is false, answers the study's "What details indicate this
+    image is (not) AI-generated?" for its label; the texts go into each image's label text (see
+    :mod:`vlmopt.data.labeling`). Greedy decoding, so the labels do not depend on batch size.
+    """
+    from vlmopt.data.labeling import REASON_QUESTIONS, check_real_generated_labels, make_labeled
+
+    captioner = settings.get("captioner")
+    captions: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    if captioner:
+        if captioner_dir is None:
+            raise ValueError(f"dataset {name!r}: a captioner is configured but no captioner model folder was given")
+        from vlmopt.infer import generation_settings, predict
+        from vlmopt.models import load_model
+
+        loaded = load_model(captioner_dir)
+        gen = generation_settings(
+            max_new_tokens=captioner.get("max_new_tokens", 20), num_beams=captioner.get("num_beams", 1)
+        )
+        batch_size = captioner.get("batch_size", 16)
+        for split in SPLITS:
+            df = pd.read_parquet(Path(source_root) / f"{split}.parquet")
+            if df.empty:
+                continue
+            check_real_generated_labels(df, f"dataset {settings.get('dataset')!r} ({split})")
+            run = {"batch_size": batch_size, "generate_kwargs": gen, "max_error_fraction": 0.05}
+            out = predict(loaded, df, source_root, "captioning", **run)
+            captions.update(zip(out["sample_id"], out["prediction"].fillna(""), strict=True))
+            if captioner.get("reason", True):
+                questions = df.assign(
+                    question=[REASON_QUESTIONS[int(y)] for y in df["label"]],
+                    answers=[["-"]] * len(df),
+                    answer_type="other",
+                )
+                out = predict(loaded, questions, source_root, "vqa", **run)
+                reasons.update(zip(out["sample_id"], out["prediction"].fillna(""), strict=True))
+    make_labeled(out_dir, source_root=source_root, captions=captions, reasons=reasons)
+
+
 def build_model(
     source: str, out_dir: str | Path, *, settings: dict[str, Any], tokenizer_table: str | Path | None, seed: int = 0
 ) -> None:
@@ -69,7 +123,13 @@ def build_model(
     from vlmopt.data import dataset_texts
     from vlmopt.models import load_model
 
-    texts = dataset_texts(pd.read_parquet(tokenizer_table)) if tokenizer_table else None
+    texts = None
+    if tokenizer_table:
+        from vlmopt.tasks import task_vocabulary
+
+        table = pd.read_parquet(tokenizer_table)
+        # The dataset's own text, and what its tasks add (real_vs_generated: the question and label texts).
+        texts = dataset_texts(table) + task_vocabulary(table.columns)
     loaded = load_model(
         source,
         dtype=settings.get("dtype"),
@@ -330,6 +390,22 @@ def score_predictions(
         scorable = {sid: m for sid, m in majority.items() if any(ch.isalnum() for ch in m)}
         if scorable:  # an answer with no word (punctuation only) has no word error rate
             metrics["wer"] = word_error_rate({sid: pred[sid] for sid in scorable}, scorable)["wer"]
+        if {"choices", "answer_index"} <= set(data.columns):
+            # Multiple choice (ScienceQA): the option the answer picks, by letter or by text.
+            from vlmopt.metrics import multiple_choice_accuracy
+
+            choices = {sid: list(c) for sid, c in zip(data.index, data["choices"], strict=True)}
+            index = {sid: int(i) for sid, i in zip(data.index, data["answer_index"], strict=True)}
+            result = multiple_choice_accuracy(pred, choices, index, answer_types=types)
+            metrics["mc_accuracy"] = result["overall"]
+            metrics.update({f"mc_accuracy/{t}": v for t, v in result["per_answer_type"].items()})
+            metrics["mc_unparsed"] = float(result["n_unparsed"])
+    elif task == "real_vs_generated":
+        from vlmopt.data.labeling import check_real_generated_labels
+        from vlmopt.metrics.real_vs_generated import binary_report, extract_label
+
+        check_real_generated_labels(data, str(table))
+        metrics = binary_report([int(y) for y in data["label"]], [extract_label(pred[sid]) for sid in data.index])
     elif task in ("retrieval", "classification"):
         metrics = _similarity_metrics(task, preds, pd.read_parquet(table))
     else:
@@ -362,9 +438,17 @@ def _similarity_metrics(task: str, preds: pd.DataFrame, table: pd.DataFrame) -> 
         return out
 
     if task == "classification":
-        labels, _ = ClassificationTask.classes(table)
+        labels, names = ClassificationTask.classes(table)
         index = {label: i for i, label in enumerate(labels)}
-        return topk_accuracy(matrix("scores", len(labels)), [index[int(y)] for y in table["label"]])
+        scores = matrix("scores", len(labels))
+        metrics = topk_accuracy(scores, [index[int(y)] for y in table["label"]])
+        if labels == [0, 1] and names == ["real", "generated"]:
+            # Real vs generated: the same report as the generative classifiers (an unread image is unparsed).
+            from vlmopt.metrics.real_vs_generated import binary_report
+
+            chosen = [None if np.isnan(row).all() else int(np.argmax(row)) for row in scores]
+            metrics |= binary_report([int(y) for y in table["label"]], chosen)
+        return metrics
     texts, owners = RetrievalTask.texts(table)
     img2txt: list[list[int]] = [[] for _ in range(len(table))]
     for j, row in enumerate(owners):

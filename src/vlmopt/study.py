@@ -166,6 +166,7 @@ def check_study(config: dict[str, Any]) -> None:
             raise StudyError(
                 f"finetune.{slug}.dataset: {ft.get('dataset')!r} is not a dataset; defined: {sorted(datasets)}"
             )
+    _check_labeled_datasets(config, datasets, models, finetunes)
     for i, run in enumerate(config.get("runs") or []):
         for key, known in (("models", models), ("finetune", finetunes), ("variants", variants)):
             names = run[key] if run[key] != "all" else []
@@ -179,6 +180,39 @@ def check_study(config: dict[str, Any]) -> None:
     if not evaluations(config):
         raise StudyError("runs: the study evaluates nothing")
     check_variant_steps(config)
+
+
+def _check_labeled_datasets(config: dict[str, Any], datasets: set[str], models: set[str], finetunes: set[str]) -> None:
+    """A labeled dataset names an existing source dataset and captioner, and nothing it needs needs it."""
+    for slug, spec in (config.get("datasets") or {}).items():
+        labeled = spec.get("source") == "labeled"
+        extra = [k for k in ("dataset", "captioner") if k in spec]
+        if not labeled:
+            if extra:
+                raise StudyError(f"datasets.{slug}: {extra} apply to `source: labeled` only")
+            continue
+        source = spec.get("dataset")
+        if source not in datasets or source == slug:
+            raise StudyError(
+                f"datasets.{slug}.dataset: {source!r} must name another dataset to label; "
+                f"defined: {sorted(datasets - {slug})}"
+            )
+        captioner = spec.get("captioner")
+        if not captioner:
+            continue
+        model, ft = captioner["model"], captioner.get("finetune", "none")
+        if model not in models:
+            raise StudyError(f"datasets.{slug}.captioner.model: {model!r} is not a model; defined: {sorted(models)}")
+        if ft not in finetunes:
+            raise StudyError(f"datasets.{slug}.captioner.finetune: {ft!r} is not defined; defined: {sorted(finetunes)}")
+        needs = {config["models"][model].get("tokenizer_dataset")}
+        if ft != "none":
+            needs.add(config["finetune"][ft].get("dataset"))
+        if slug in needs:
+            raise StudyError(
+                f"datasets.{slug}.captioner: model {model!r} with finetune {ft!r} is built or trained on {slug!r} "
+                f"itself, so it cannot label it"
+            )
 
 
 def _check_family_tasks(config: dict[str, Any], i: int, run: dict[str, Any]) -> None:

@@ -79,7 +79,11 @@ def test_genimage_biggan_converts_the_published_layout(tmp_path):
 def test_max_samples_keeps_a_seeded_subset_per_split_and_copies_only_it(tmp_path):
     local = _local_copy(tmp_path / "local")
     spec = DATASETS["genimage-biggan"]
-    assert not spec.downloads and spec.options == ("path", "max_samples") and spec.tasks == ("classification",)
+    assert (
+        not spec.downloads
+        and spec.options == ("path", "max_samples")
+        and spec.tasks == ("classification", "real_vs_generated")
+    )
     _prepare(tmp_path / "a", path=local)
     full = pd.read_parquet(tmp_path / "a" / "train.parquet")
     _prepare(tmp_path / "a", path=local, max_samples=2)

@@ -234,7 +234,13 @@ def test_other_image_sizes(tmp_path):
 
 def test_registry_prepares_shapes_and_rejects_unknown_settings(tmp_path):
     spec = DATASETS["shapes"]
-    assert spec.source == "synthetic" and set(spec.tasks) == {"captioning", "vqa", "classification", "retrieval"}
+    assert spec.source == "synthetic" and set(spec.tasks) == {
+        "captioning",
+        "vqa",
+        "classification",
+        "retrieval",
+        "real_vs_generated",
+    }
     paths = spec.prepare(tmp_path, seed=1, n_train=4, n_val=2, n_test=2)
     assert sorted(paths) == sorted(SPLITS) and all(p.is_file() for p in paths.values())
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['n_tain'\]; allowed: \['n_train'"):

@@ -439,10 +439,22 @@ def _expected_jobs(config: dict) -> dict[str, int]:
     datasets = {e.dataset for e in evals}
     datasets |= {d for _, _, v in chains for step in config["variants"][v] for d, _ in step_datasets(step)}
     trained = {(e.model, e.ft) for e in evals if e.ft != "none"}
+    models = {e.model for e in evals}
     datasets |= {config["finetune"][ft]["dataset"] for _, ft in trained}
+    # A labeled dataset needs its source dataset and its captioner (built, perhaps finetuned).
+    labeled = {d for d in datasets if config["datasets"][d]["source"] == "labeled"}
+    for d in labeled:
+        datasets.add(config["datasets"][d]["dataset"])
+        captioner = config["datasets"][d].get("captioner")
+        if captioner:
+            models.add(captioner["model"])
+            if captioner.get("finetune", "none") != "none":
+                trained.add((captioner["model"], captioner["finetune"]))
+                datasets.add(config["finetune"][captioner["finetune"]]["dataset"])
     jobs = {
-        "prepare_dataset": len(datasets),
-        "build_model": len({e.model for e in evals}),
+        "prepare_dataset": len(datasets - labeled),
+        "label_dataset": len(labeled),
+        "build_model": len(models),
         "finetune": len(trained),
         "compress": len(chains),
         "infer": len(evals) * config.get("inference", {}).get("shards", 2),

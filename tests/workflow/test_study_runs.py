@@ -43,9 +43,10 @@ def test_tables_and_plots_are_complete(finished_study):
     scores = pd.read_parquet(finished_study / "results/tables/scores.parquet")
     summary = pd.read_parquet(finished_study / "results/tables/summary.parquet")
     # 2 generative models x (none/baseline + full/{baseline, w8-language}) x 2 tasks,
-    # and 2 contrastive models x none/{baseline, w8-language} x (retrieval, classification).
-    assert len(summary) == 12 + 8
-    assert set(summary["task"]) == {"captioning", "vqa", "retrieval", "classification"}
+    # 2 contrastive models x none/{baseline, w8-language} x (retrieval, classification by colour),
+    # and tiny BLIP finetuned on real-vs-generated label texts.
+    assert len(summary) == 12 + 8 + 1
+    assert set(summary["task"]) == {"captioning", "vqa", "retrieval", "classification", "real_vs_generated"}
     assert {
         "CIDEr",
         "METEOR",
@@ -57,6 +58,9 @@ def test_tables_and_plots_are_complete(finished_study):
         "txt_r1",
         "img_r10",
         "top1",
+        "accuracy",
+        "f1",
+        "cm_generated_as_real",
     } <= set(summary.columns)
     assert set(summary.loc[summary["task"] == "retrieval", "model"]) == {"clip-tiny", "blip-itm-tiny"}
     assert summary["size_bytes"].gt(0).all()
@@ -106,7 +110,7 @@ def test_changing_one_variant_reruns_only_its_chain(finished_study, tmp_path):
 def test_changing_a_task_setting_reruns_only_that_task(finished_study, tmp_path):
     config = yaml.safe_load((finished_study / "study.yaml").read_text())
     config["inference"]["retrieval_k"] = 4
-    config["datasets"]["shapes"]["templates"] = ["a photo of a {}.", "a {} picture."]
+    config["datasets"]["shapes-colors"]["templates"] = ["a photo of a {}.", "a {} picture."]
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     result = run_snakemake(finished_study, "--dry-run", configfile=changed)

@@ -66,16 +66,17 @@ class Calibration:
         the class prompt.
         """
         from vlmopt.data.images import open_image
-        from vlmopt.tasks import get_task
+        from vlmopt.tasks import get_task, served_tasks
 
         if n_samples < 1 or batch_size < 1:
             raise ValueError(f"calibration needs n_samples >= 1 and batch_size >= 1, got {n_samples}, {batch_size}")
         wanted = loaded.adapter.tasks if tasks is None else tasks
+        requested = tasks is not None
         tasks = tuple(t for t in wanted if t in loaded.adapter.tasks)
         if not tasks:
             raise ValueError(f"family {loaded.family!r} supports none of the calibration tasks {list(wanted)}")
         # A table serves the tasks whose columns it has (a captioning set has no questions).
-        served = tuple(t for t in tasks if all(c in table.columns for c in get_task(t).columns))
+        served = served_tasks(tasks, table.columns, requested=requested)
         if not served:
             raise ValueError(
                 f"the calibration table has the columns of none of the tasks {list(tasks)} "

@@ -18,6 +18,7 @@ from vlmopt.data.genimage import make_genimage_biggan
 from vlmopt.data.imagenet import make_imagenet_val
 from vlmopt.data.imagenetv2 import make_imagenetv2
 from vlmopt.data.karpathy import make_coco2014_karpathy, make_flickr30k_1k
+from vlmopt.data.rsicd import make_rsicd
 from vlmopt.data.schema import (
     TASK_COLUMNS,
     dataset_texts,
@@ -25,6 +26,7 @@ from vlmopt.data.schema import (
     validate_dataset_table,
     write_table,
 )
+from vlmopt.data.scienceqa import make_scienceqa
 from vlmopt.data.synthetic import make_shapes
 from vlmopt.data.vqa_sources import make_gqa_testdev, make_textvqa_val, make_vqav2_val
 
@@ -81,9 +83,12 @@ DATASETS: dict[str, DatasetSource] = {
         name="shapes",
         source="synthetic",
         build=make_shapes,
-        options=("n_train", "n_val", "n_test", "image_size"),
-        tasks=("captioning", "vqa", "classification", "retrieval"),
-        description="coloured shapes on a light background; captions, VQA, retrieval and real-vs-generated labels",
+        options=("n_train", "n_val", "n_test", "image_size", "labels"),
+        tasks=("captioning", "vqa", "classification", "retrieval", "real_vs_generated"),
+        description=(
+            "coloured shapes on a light background; captions, VQA, retrieval, and labels real-vs-generated "
+            "(or colour / shape for zero-shot classification)"
+        ),
     ),
     "coco2017-val": DatasetSource(
         name="coco2017-val",
@@ -110,7 +115,7 @@ DATASETS: dict[str, DatasetSource] = {
         source="genimage-biggan",
         build=make_genimage_biggan,
         options=("path", "max_samples"),
-        tasks=("classification",),
+        tasks=("classification", "real_vs_generated"),
         description="GenImage BigGAN subset from a local copy: real vs generated (train, and val as test)",
     ),
     "imagenet-val": DatasetSource(
@@ -180,6 +185,26 @@ DATASETS: dict[str, DatasetSource] = {
         offline=False,
         downloads=True,
         description="ImageNetV2 matched-frequency: 10,000 new images of the 1,000 ImageNet classes (test split)",
+    ),
+    "rsicd": DatasetSource(
+        name="rsicd",
+        source="rsicd",
+        build=make_rsicd,
+        options=("hub_id", "max_samples"),
+        tasks=("captioning", "retrieval"),
+        offline=False,
+        description="RSICD from the Hugging Face hub: 8,734 train / 1,094 val / 1,093 test remote-sensing images, "
+        "five captions each",
+    ),
+    "scienceqa": DatasetSource(
+        name="scienceqa",
+        source="scienceqa",
+        build=make_scienceqa,
+        options=("hub_id", "max_samples"),
+        tasks=("vqa",),
+        offline=False,
+        description="ScienceQA from the Hugging Face hub, multiple-choice questions with an image: 6,218 train / "
+        "2,097 val / 2,017 test",
     ),
 }
 

@@ -35,7 +35,7 @@ LAYOUT = "<path>/{train,val}/{ai,nature}/<image files>"
 CLASS_FOLDERS = {"nature": 0, "ai": 1}
 #: Our split -> the subset's folder it is read from.
 SPLIT_FOLDERS = {"train": "train", "test": "val"}
-TASKS = ("classification",)
+TASKS = ("classification", "real_vs_generated")
 COLUMNS = {"sample_id": "object", "image": "object", "label": "int64", "label_name": "object"}
 
 

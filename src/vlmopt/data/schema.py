@@ -42,13 +42,21 @@ TASK_COLUMNS: dict[str, dict[str, pa.DataType]] = {
     "vqa": {"question": _STR, "answers": _STR_LIST, "answer_type": _STR},
     "classification": {"label": pa.int64(), "label_name": _STR},
     "retrieval": {"captions": _STR_LIST},
+    # Labels 0 real / 1 generated; an optional ``text`` (data.labeling) is the training target.
+    "real_vs_generated": {"label": pa.int64(), "label_name": _STR},
 }
 
-#: Known columns no task requires; typed (and checked) whenever present.
-OPTIONAL_COLUMNS: dict[str, pa.DataType] = {"question_type": _STR}
+#: Known columns no task requires; typed (and checked) whenever present. ``choices`` and
+#: ``answer_index`` are a multiple-choice question's options and the correct one's position.
+OPTIONAL_COLUMNS: dict[str, pa.DataType] = {
+    "question_type": _STR,
+    "text": _STR,
+    "choices": _STR_LIST,
+    "answer_index": pa.int64(),
+}
 
 #: Text columns a tokenizer for the dataset's vocabulary is trained on.
-TEXT_COLUMNS: tuple[str, ...] = ("references", "captions", "question", "answers")
+TEXT_COLUMNS: tuple[str, ...] = ("references", "captions", "question", "answers", "text")
 
 _KNOWN: dict[str, pa.DataType] = {
     **BASE_COLUMNS,
@@ -69,7 +77,8 @@ def validate_dataset_table(df: pd.DataFrame, tasks: Iterable[str] = ()) -> None:
 
     Raises ``ValueError`` naming the first problem found: an unknown task, a missing column, a
     value of the wrong type, a null, a duplicate ``sample_id``, an absolute or escaping image
-    path, an empty text or reference list, or a ``label`` with more than one ``label_name``.
+    path, an empty text or reference list, a ``label`` with more than one ``label_name``, or an
+    ``answer_index`` outside its row's ``choices``.
     """
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"a dataset table must be a pandas DataFrame, got {type(df).__name__}")
@@ -104,6 +113,13 @@ def validate_dataset_table(df: pd.DataFrame, tasks: Iterable[str] = ()) -> None:
         path = PurePosixPath(value.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts or (len(value) > 1 and value[1] == ":"):
             raise ValueError(f"column 'image' must hold paths relative to the dataset root, got {value!r}")
+    if "answer_index" in df.columns and "choices" in df.columns:
+        for pos, (index, choices) in enumerate(zip(df["answer_index"], df["choices"], strict=True)):
+            if not 0 <= index < len(choices):
+                raise ValueError(
+                    f"column 'answer_index' must index into 'choices'; row {pos} has {index} "
+                    f"for {len(choices)} choice(s)"
+                )
     if "label" in df.columns and "label_name" in df.columns and len(df):
         names = df.groupby("label", sort=True)["label_name"].nunique()
         if (names > 1).any():

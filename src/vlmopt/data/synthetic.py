@@ -44,6 +44,7 @@ __all__ = [
     "ANSWER_TYPES",
     "COLORS",
     "COUNT_WORDS",
+    "LABEL_KINDS",
     "LABEL_NAMES",
     "POSITIONS",
     "QUESTION_TYPES",
@@ -76,6 +77,12 @@ QUESTION_TYPES = ("color", "count", "shape", "yes/no")
 #: VQAv2 answer type of each question type.
 ANSWER_TYPES = {"color": "other", "count": "number", "shape": "other", "yes/no": "yes/no"}
 LABEL_NAMES = ("real", "generated")
+#: What ``label`` / ``label_name`` can hold (the ``labels`` setting): each kind's names in label order.
+LABEL_KINDS: dict[str, tuple[str, ...]] = {
+    "real_vs_generated": LABEL_NAMES,
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+}
 
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 _WHERE = {
@@ -122,7 +129,7 @@ _CHECKER_AMPLITUDE = 8
 _CHECKER_CELL = 2
 _MIN_IMAGE_SIZE = 32
 #: Tasks every split serves.
-TASKS = ("captioning", "vqa", "classification", "retrieval")
+TASKS = ("captioning", "vqa", "classification", "retrieval", "real_vs_generated")
 # Table columns: the dataset contract, then what was drawn (for per-attribute analysis and tests).
 _COLUMNS = (
     "sample_id",
@@ -256,12 +263,19 @@ def make_shapes(
     n_val: int = 100,
     n_test: int = 200,
     image_size: int = 64,
+    labels: str = "real_vs_generated",
 ) -> dict[str, Path]:
     """Write the shapes dataset under ``root``: ``images/<split>/<id>.png`` and ``<split>.parquet``.
 
+    ``labels`` picks what ``label`` / ``label_name`` hold: ``real_vs_generated`` (0 real,
+    1 generated), or for zero-shot classification ``color`` (the index in :data:`COLORS`, the
+    colour word) or ``shape`` (the index in :data:`SHAPES`, the shape word); images, captions and
+    questions are the same whichever is chosen, and only ``real_vs_generated`` serves that task.
     Returns split -> table path. Images are written first and each table last (atomically), so a
     table on disk always points at complete images.
     """
+    if labels not in LABEL_KINDS:
+        raise ValueError(f"shapes: labels must be one of {list(LABEL_KINDS)}, got {labels!r}")
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     for name, n in sizes.items():
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
@@ -273,7 +287,13 @@ def make_shapes(
     out: dict[str, Path] = {}
     for split in SPLITS:
         table = _make_split(root, split, sizes[split], seed=seed, image_size=int(image_size))
-        out[split] = write_table(table, root / f"{split}.parquet", tasks=TASKS)
+        tasks = TASKS
+        if labels != "real_vs_generated":
+            names = LABEL_KINDS[labels]
+            table["label"] = pd.Series([names.index(v) for v in table[labels]], dtype="int64")
+            table["label_name"] = table[labels].astype(object)
+            tasks = tuple(t for t in TASKS if t != "real_vs_generated")
+        out[split] = write_table(table, root / f"{split}.parquet", tasks=tasks)
     log.info("wrote shapes dataset (%s) to %s in %.1f s", sizes, root, time.perf_counter() - start)
     return out
 

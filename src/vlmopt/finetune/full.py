@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from vlmopt.data.images import open_image
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import pixel_values
-from vlmopt.tasks import get_task
+from vlmopt.tasks import get_task, served_tasks
 
 __all__ = ["FullFinetuneConfig", "finetune"]
 
@@ -101,6 +101,31 @@ def _load_checkpoint(directory: Path, loaded: LoadedModel, optimizer: torch.opti
     return int(json.loads((directory / "state.json").read_text())["step"])
 
 
+def training_tasks(loaded: LoadedModel, train: pd.DataFrame, requested: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The tasks trained on: those ``requested``, else the family's that the table serves.
+
+    A requested task the table lacks columns for is an error naming them; with none requested,
+    the family's ``train_tasks`` (else its tasks) that the table has every column of, the
+    tasks trained only on request (real_vs_generated) only when nothing else is served.
+    """
+    if requested:
+        for name in requested:
+            missing = [c for c in get_task(name).columns if c not in train.columns]
+            if missing:
+                raise ValueError(
+                    f"finetune task {name!r} needs column(s) {missing}; the table has {list(train.columns)}"
+                )
+        return tuple(requested)
+    candidates = loaded.adapter.train_tasks or loaded.adapter.tasks
+    tasks = served_tasks(candidates, train.columns)
+    if not tasks:
+        raise ValueError(
+            f"the training table serves none of the tasks of family {loaded.family!r} {list(candidates)} "
+            f"(it has columns {list(train.columns)})"
+        )
+    return tasks
+
+
 def finetune(
     loaded: LoadedModel,
     train: pd.DataFrame,
@@ -133,7 +158,7 @@ def finetune(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
     )
-    tasks = config.tasks or loaded.adapter.train_tasks or loaded.adapter.tasks
+    tasks = training_tasks(loaded, train, config.tasks)
     n_examples = len(train) * len(tasks)
     steps_per_epoch = -(-n_examples // config.batch_size)
     total = steps_per_epoch * config.epochs

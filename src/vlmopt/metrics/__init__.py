@@ -2,7 +2,8 @@
 
 ``caption_scores`` computes the COCO caption metrics with pycocoevalcap (PTB tokenizer, BLEU, METEOR,
 ROUGE-L, CIDEr), https://github.com/salaniz/pycocoevalcap; ``vqa_accuracy`` reproduces the official VQA
-accuracy of https://github.com/GT-Vision-Lab/VQA; ``retrieval_recall`` and ``topk_accuracy`` rank score
+accuracy of https://github.com/GT-Vision-Lab/VQA; ``multiple_choice_accuracy`` scores ScienceQA-style
+multiple-choice answers; ``retrieval_recall`` and ``topk_accuracy`` rank score
 matrices as the BLIP / CLIP evaluations do. Nothing here loads a model: no torch, no transformers.
 """
 
@@ -15,6 +16,7 @@ from vlmopt.metrics.caption import (
     caption_scores_per_sample,
     evaluate_captions,
 )
+from vlmopt.metrics.multiple_choice import choice_index, multiple_choice_accuracy
 from vlmopt.metrics.retrieval import retrieval_recall, topk_accuracy
 from vlmopt.metrics.vqa import exact_match_accuracy, vqa_accuracy
 from vlmopt.metrics.wer import strip_prompt, word_error_rate
@@ -24,8 +26,10 @@ __all__ = [
     "CaptionEvaluation",
     "caption_scores",
     "caption_scores_per_sample",
+    "choice_index",
     "evaluate_captions",
     "exact_match_accuracy",
+    "multiple_choice_accuracy",
     "retrieval_recall",
     "strip_prompt",
     "topk_accuracy",

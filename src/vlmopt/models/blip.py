@@ -28,10 +28,14 @@ __all__ = ["BlipAdapter"]
 
 class BlipAdapter(FamilyAdapter):
     name = "blip"
-    tasks = ("captioning", "vqa")
+    tasks = ("captioning", "vqa", "real_vs_generated")
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8
-    prompts = {"captioning": "", "vqa": "question: {question} answer:"}
+    prompts = {
+        "captioning": "",
+        "vqa": "question: {question} answer:",
+        "real_vs_generated": "question: {question} answer:",
+    }
 
     @classmethod
     def tiny_configs(cls, tokenizer: Any, image_size: int) -> tuple[BlipVisionConfig, BlipTextConfig]:

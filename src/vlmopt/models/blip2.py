@@ -32,11 +32,15 @@ NUM_QUERY_TOKENS_TINY = 8
 
 class Blip2OptAdapter(FamilyAdapter):
     name = "blip2-opt"
-    tasks = ("captioning", "vqa")
+    tasks = ("captioning", "vqa", "real_vs_generated")
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8
     # The published BLIP-2 zero-shot VQA prompt.
-    prompts = {"captioning": "", "vqa": "Question: {question} Short answer:"}
+    prompts = {
+        "captioning": "",
+        "vqa": "Question: {question} Short answer:",
+        "real_vs_generated": "Question: {question} Answer:",
+    }
 
     def tiny_vision_and_bridge(self, image_size: int, vocab_size: int) -> tuple[Blip2VisionConfig, Blip2QFormerConfig]:
         """Configs of the tiny ViT and Q-Former, shared by every tiny BLIP-2 whatever its language model."""

@@ -42,10 +42,14 @@ class Blip2T5Adapter(Blip2OptAdapter):
     """BLIP-2 Flan-T5; loading (``from_pretrained``), tasks and prompts are those of BLIP-2 OPT."""
 
     name = "blip2-t5"
-    tasks = ("captioning", "vqa")
+    tasks = ("captioning", "vqa", "real_vs_generated")
     # The published BLIP-2 zero-shot VQA prompt for the Flan-T5 models (Li et al. 2023, zero-shot VQA:
     # "Question: {} Short answer:"), the one blip2.py uses too; captioning has no prompt.
-    prompts = {"captioning": "", "vqa": "Question: {question} Short answer:"}
+    prompts = {
+        "captioning": "",
+        "vqa": "Question: {question} Short answer:",
+        "real_vs_generated": "Question: {question} Answer:",
+    }
     #: Encoder and decoder blocks of the tiny model's T5. Equal, as in Flan-T5: transformers 5.23
     #: cannot generate with a T5 whose decoder has more blocks than its encoder (the KV cache is
     #: sized by ``num_layers``, the encoder's count, and decoding fails with an IndexError).

@@ -64,14 +64,18 @@ BOS_TOKEN = "<s>"
 
 class FuyuAdapter(FamilyAdapter):
     name = "fuyu"
-    tasks = ("captioning", "vqa")
+    tasks = ("captioning", "vqa", "real_vs_generated")
     encodes_image_with_text = True
     #: Patch side of the tiny model, in pixels (fuyu-8b: 30).
     tiny_patch_size = 8
     # Both from the adept/fuyu-8b model card (https://huggingface.co/adept/fuyu-8b): its captioning example
     # prompt is "Generate a coco-style caption.\n", and its question-answering examples pass the bare question
     # followed by a newline ("What color is the bus?\n").
-    prompts = {"captioning": "Generate a coco-style caption.\n", "vqa": "{question}\n"}
+    prompts = {
+        "captioning": "Generate a coco-style caption.\n",
+        "vqa": "{question}\n",
+        "real_vs_generated": "{question}\n",
+    }
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
         tokenizer = train_word_tokenizer([*texts, *(p.format(question="") for p in self.prompts.values())])

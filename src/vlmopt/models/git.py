@@ -24,14 +24,14 @@ __all__ = ["GitAdapter"]
 
 class GitAdapter(FamilyAdapter):
     name = "git"
-    tasks = ("captioning", "vqa")
+    tasks = ("captioning", "vqa", "real_vs_generated")
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8
     # The published GIT format (microsoft/GenerativeImage2Text, generativeimage2text/train.py get_data and
     # inference.py): ``[CLS] prefix target [SEP]`` with the loss on target and [SEP] only, where the prefix is
     # empty for captioning and the bare question for VQA (no template, no separator before the answer); at
     # inference the input is ``[CLS] prefix`` and the model continues it.
-    prompts = {"captioning": "", "vqa": "{question}"}
+    prompts = {"captioning": "", "vqa": "{question}", "real_vs_generated": "{question}"}
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
         # The prompt templates add no words of their own, so the dataset's texts are the whole vocabulary.

@@ -43,7 +43,7 @@ def num_image_tokens(config: Any) -> int:
 
 class LlavaAdapter(FamilyAdapter):
     name = "llava"
-    tasks = ("captioning", "vqa")
+    tasks = ("captioning", "vqa", "real_vs_generated")
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8
     # The LLaVA-1.5 conversation format ("USER: <image>\n... ASSISTANT:", as in the llava-hf model
@@ -54,6 +54,8 @@ class LlavaAdapter(FamilyAdapter):
     prompts = {
         "captioning": "USER: <image>\nDescribe the image concisely. ASSISTANT:",
         "vqa": "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:",
+        # Free-form: the answer states the label and may describe and justify it.
+        "real_vs_generated": "USER: <image>\n{question} ASSISTANT:",
     }
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:

@@ -46,7 +46,7 @@ __all__ = ["Pix2StructAdapter"]
 
 class Pix2StructAdapter(FamilyAdapter):
     name = "pix2struct"
-    tasks = ("captioning", "vqa")
+    tasks = ("captioning", "vqa", "real_vs_generated")
     encodes_image_with_text = True
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8
@@ -54,7 +54,7 @@ class Pix2StructAdapter(FamilyAdapter):
     # take the bare question as the header text (paper abstract: "language prompts such as
     # questions are rendered directly on top of the input image"; Pix2StructProcessor passes its
     # text as header_text when is_vqa).
-    prompts = {"captioning": "", "vqa": "{question}"}
+    prompts = {"captioning": "", "vqa": "{question}", "real_vs_generated": "{question}"}
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
         tokenizer = train_word_tokenizer([*texts, *(p.format(question="") for p in self.prompts.values())])

@@ -101,7 +101,7 @@ class QwenVLProcessor:
 
 class Qwen25VLAdapter(FamilyAdapter):
     name = "qwen2_5_vl"
-    tasks = ("captioning", "vqa")
+    tasks = ("captioning", "vqa", "real_vs_generated")
     encodes_image_with_text = True
     #: Patch side of the tiny model's vision tower, in pixels.
     tiny_patch_size = 8
@@ -120,6 +120,7 @@ class Qwen25VLAdapter(FamilyAdapter):
     prompts = {
         "captioning": _CHAT.format(instruction="Describe this image."),
         "vqa": _CHAT.format(instruction="{question}\nAnswer the question using a single word or phrase."),
+        "real_vs_generated": _CHAT.format(instruction="{question}"),
     }
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:

@@ -18,6 +18,7 @@ MAIN_METRIC = {
     "vqa": ("vqa_accuracy", "VQA accuracy (%)"),
     "retrieval": ("r_mean", "retrieval mean recall (%)"),
     "classification": ("top1", "top-1 accuracy (%)"),
+    "real_vs_generated": ("accuracy", "real-vs-generated accuracy (%)"),
 }
 
 # Okabe-Ito first: distinguishable with the common colour-vision deficiencies.

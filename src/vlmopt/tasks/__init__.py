@@ -7,6 +7,7 @@ adapter and never load or run a model themselves.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -17,14 +18,20 @@ __all__ = [
     "TASKS",
     "CaptioningTask",
     "ClassificationTask",
+    "REAL_VS_GENERATED_QUESTION",
+    "RealVsGeneratedTask",
     "RetrievalTask",
     "Task",
     "VqaTask",
     "get_task",
+    "served_tasks",
+    "task_vocabulary",
 ]
 
 #: CLIP's default zero-shot prompt (Radford et al. 2021, section 3.1.4).
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+#: What a generative model is asked about an image in the real-vs-generated task.
+REAL_VS_GENERATED_QUESTION = "Is this image real or AI-generated?"
 
 
 class Task:
@@ -33,6 +40,12 @@ class Task:
     columns: tuple[str, ...] = ()
     #: ``"generate"``: a prediction is generated text; ``"similarity"``: a list of image-text scores.
     kind: str = "generate"
+    #: Whether finetuning and calibration use the task when no tasks are named and the table serves it.
+    default_training: bool = True
+
+    def vocabulary(self) -> list[str]:
+        """Texts beyond the dataset's own that a tiny model's word-level tokenizer must know for the task."""
+        return []
 
     def prompts(self, df: pd.DataFrame, adapter: FamilyAdapter) -> list[str]:
         raise NotImplementedError
@@ -120,7 +133,68 @@ class ClassificationTask(Task):
         return [[t.format(name) for t in templates] for name in names]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (CaptioningTask(), VqaTask(), RetrievalTask(), ClassificationTask())}
+class RealVsGeneratedTask(Task):
+    """Real-vs-generated classification by a generative model: it answers in words, read by a rule.
+
+    The prompt asks :data:`REAL_VS_GENERATED_QUESTION` (each family words it in its own
+    ``real_vs_generated`` prompt); the training target is the row's ``text`` (a labeled dataset,
+    :mod:`vlmopt.data.labeling`) or else the bare label statement. Scoring reads the label back
+    with :func:`vlmopt.metrics.real_vs_generated.extract_label`. Finetuning uses the task only when
+    it is named or the table serves no other task, so adding labels to a captioning set does not
+    change what its default finetuning learns.
+    """
+
+    name = "real_vs_generated"
+    columns = ("label", "label_name")
+    default_training = False
+
+    def prompts(self, df: pd.DataFrame, adapter: FamilyAdapter) -> list[str]:
+        return [adapter.prompt(self.name, REAL_VS_GENERATED_QUESTION)] * len(df)
+
+    def targets(self, df: pd.DataFrame, epoch: int) -> list[str]:
+        from vlmopt.data.labeling import check_real_generated_labels, label_text
+
+        if "text" in df.columns:
+            return [str(t) for t in df["text"]]
+        check_real_generated_labels(df, "the real_vs_generated table")
+        return [label_text(int(label)) for label in df["label"]]
+
+    def vocabulary(self) -> list[str]:
+        from vlmopt.data.labeling import REASON_QUESTIONS, label_text
+
+        texts = [REAL_VS_GENERATED_QUESTION, *REASON_QUESTIONS.values()]
+        return texts + [label_text(label, "caption", "reason") for label in (0, 1)]
+
+
+TASKS: dict[str, Task] = {
+    t.name: t for t in (CaptioningTask(), VqaTask(), RetrievalTask(), ClassificationTask(), RealVsGeneratedTask())
+}
+
+
+def served_tasks(
+    candidates: tuple[str, ...] | list[str], columns: Iterable[str], *, requested: bool = False
+) -> tuple[str, ...]:
+    """The tasks of ``candidates`` that a table with ``columns`` serves (has every column of).
+
+    Unless the candidates were ``requested`` by name, tasks trained only on request
+    (``default_training`` false) are left out when the table serves any other task.
+    """
+    columns = set(columns)
+    served = tuple(t for t in candidates if all(c in columns for c in get_task(t).columns))
+    if requested:
+        return served
+    preferred = tuple(t for t in served if get_task(t).default_training)
+    return preferred or served
+
+
+def task_vocabulary(columns: Iterable[str]) -> list[str]:
+    """The extra texts (:meth:`Task.vocabulary`) of every task a table with ``columns`` serves."""
+    columns = set(columns)
+    out: list[str] = []
+    for task in TASKS.values():
+        if all(c in columns for c in task.columns):
+            out += task.vocabulary()
+    return out
 
 
 def get_task(name: str) -> Task:
