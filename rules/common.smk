@@ -3,6 +3,7 @@ import re
 
 from snakemake.utils import validate
 
+from vlmopt.code_digest import STAGES, stage_digest
 from vlmopt.compress import step_datasets
 from vlmopt.study import canonical, check_study, evaluations, expand_grids
 
@@ -16,6 +17,8 @@ config.clear()
 config.update(_sorted_config)
 
 EVALUATIONS = evaluations(config)
+# Digest of the library code each rule runs (its `code` param).
+CODE = {stage: stage_digest(stage) for stage in STAGES}
 SPLITS = ["train", "val", "test"]
 SHARDS = config.get("inference", {}).get("shards", 2)
 INFERENCE = canonical(
@@ -23,6 +26,7 @@ INFERENCE = canonical(
         "split": "test",
         "batch_size": 16,
         "shards": 2,
+        "processes": 1,
         "max_new_tokens": 20,
         "num_beams": 1,
         "retrieval_k": 128,
@@ -33,9 +37,12 @@ INFERENCE = canonical(
 
 
 # What every inference job reads; per-task generation overrides reach that task's jobs only
-# (generation_settings), and the retrieval depth retrieval jobs only (task_settings).
+# (generation_settings), and the retrieval depth retrieval jobs only (task_settings). The number
+# of processes per job changes no prediction: it is left out, so changing it reruns nothing.
 GENERATION = {
-    k: v for k, v in INFERENCE.items() if k not in ("retrieval_k", "generation")
+    k: v
+    for k, v in INFERENCE.items()
+    if k not in ("retrieval_k", "generation", "processes")
 }
 
 

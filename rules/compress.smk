@@ -11,6 +11,8 @@ rule compress:
     conda:
         "../workflow/envs/vlmopt.yaml"
     params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["compress"],
         steps=variant_steps,
     script:
         "../workflow/scripts/compress.py"

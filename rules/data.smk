@@ -9,6 +9,8 @@ rule prepare_dataset:
     conda:
         "../workflow/envs/vlmopt.yaml"
     params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["prepare_dataset"],
         settings=dataset_settings,
         seed=config.get("seed", 0),
     script:
@@ -34,6 +36,8 @@ rule label_dataset:
     conda:
         "../workflow/envs/vlmopt.yaml"
     params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["label_dataset"],
         settings=dataset_settings,
     script:
         "../workflow/scripts/label_dataset.py"

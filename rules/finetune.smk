@@ -10,6 +10,8 @@ rule finetune:
     conda:
         "../workflow/envs/vlmopt.yaml"
     params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["finetune"],
         settings=finetune_settings,
         seed=config.get("seed", 0),
         # Checkpoints live outside the output, so that a killed job's rerun resumes from them.

@@ -10,11 +10,23 @@ rule infer:
         "logs/benchmark/infer/{model}/{ft}/{variant}/{task}/{dataset}/{scatteritem}.tsv"
     conda:
         "../workflow/envs/vlmopt.yaml"
+    resources:
+        # Processes sharing the job's rows (inference.processes, torchrun): a resource, not a
+        # param, since it changes no prediction and must rerun nothing.
+        processes=INFERENCE["processes"],
     params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["infer"],
         settings=generation_settings,
         task_settings=task_settings,
     script:
         "../workflow/scripts/infer.py"
+
+
+# Merging a few shard files takes a moment of pandas: it runs inside the Snakemake process, with no
+# job start-up (seconds of imports) and no cluster submission.
+localrules:
+    gather_predictions,
 
 
 rule gather_predictions:
@@ -27,7 +39,18 @@ rule gather_predictions:
         "results/predictions/{model}/{ft}/{variant}/{task}/{dataset}/predictions.parquet",
     log:
         "logs/gather_predictions/{model}/{ft}/{variant}/{task}/{dataset}.log",
-    conda:
-        "../workflow/envs/vlmopt.yaml"
-    script:
-        "../workflow/scripts/gather_predictions.py"
+    params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["gather_predictions"],
+    run:
+        from vlmopt.pipeline import gather_predictions
+
+        try:
+            gather_predictions(input.shards, input.table, output[0])
+        except Exception as exc:
+            # The job's log names the cause, as a script job's would.
+            with open(log[0], "w") as f:
+                f.write(f"gather_predictions failed: {type(exc).__name__}: {exc}\n")
+            raise
+        with open(log[0], "w") as f:
+            f.write(f"merged {len(input.shards)} shard(s) into {output[0]}\n")

@@ -9,6 +9,9 @@ rule tables:
         "logs/tables/tables.log",
     conda:
         "../workflow/envs/vlmopt.yaml"
+    params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["tables"],
     script:
         "../workflow/scripts/tables.py"
 
@@ -31,5 +34,8 @@ rule plots:
         "logs/plots/plots.log",
     conda:
         "../workflow/envs/vlmopt.yaml"
+    params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["plots"],
     script:
         "../workflow/scripts/plots.py"

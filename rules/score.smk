@@ -9,6 +9,8 @@ rule score:
     conda:
         "../workflow/envs/vlmopt.yaml"
     params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=CODE["score"],
         evaluation=score_keys,
         settings=chain_settings,
     script:

@@ -144,3 +144,13 @@ def test_scores_read_the_label_from_generated_text(labeled_root, tmp_path):
     assert sum(v for k, v in metrics.items() if k.startswith("cm_")) == n
     rows = pd.read_parquet(tmp_path / "s.parquet")
     assert set(rows["metric"]) >= {"accuracy", "precision", "recall", "f1", "cm_generated_as_real"}
+
+
+def test_label_dataset_from_the_command_line(shapes_root, tmp_path):
+    from vlmopt.cli import main
+
+    assert main(["label-dataset", str(shapes_root), "--out", str(tmp_path / "labeled")]) == 0
+    csv = pd.read_csv(tmp_path / "labeled" / "exp2_train_data9.csv")
+    train = pd.read_parquet(shapes_root / "train.parquet")
+    assert list(csv["label"]) == list(train["label"])
+    assert set(csv["text"]) == {"This image is natural.", "This image is AI-generated."}

@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
 
+    p = sub.add_parser("label-dataset", help="real-vs-generated label texts (and exp2_*.csv) from a labelled dataset")
+    p.add_argument("source", type=Path, help="folder of a dataset labelled 0 real / 1 generated (its split tables)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--captioner", type=Path, help="a saved model folder that captions each image (optional)")
+    p.add_argument(
+        "--settings", type=_json, default={}, help='captioner settings, e.g. {"reason": true, "batch_size": 64}'
+    )
+
     p = sub.add_parser("build-model", help="build tiny:<family> or fetch a hub id, and save it")
     p.add_argument("source")
     p.add_argument("--out", type=Path, required=True)
@@ -72,13 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-root", type=Path, default=Path("resources/data"), help="where calibration datasets live")
 
-    p = sub.add_parser("infer", help="predict one shard of a dataset split")
+    p = sub.add_parser(
+        "infer", help="predict one shard of a dataset split (under torchrun, its processes split the shard)"
+    )
     p.add_argument("model", type=Path)
     p.add_argument("--table", type=Path, required=True)
     p.add_argument("--task", required=True)
     p.add_argument("--shard", default="1-of-1")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--settings", type=_json, default={})
+    p.add_argument(
+        "--task-settings", type=_json, default={}, help='similarity tasks: e.g. {"k": 128} or {"templates": [...]}'
+    )
+    p.add_argument(
+        "--dataset-root", type=Path, help="folder the table's image paths are relative to (default: its own)"
+    )
 
     p = sub.add_parser("score", help="score predictions on CPU")
     p.add_argument("predictions", type=Path)
@@ -97,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if args.stage == "prepare-dataset":
         pipeline.prepare_dataset(args.name, args.settings, args.out, seed=args.seed)
+    elif args.stage == "label-dataset":
+        captioner = {"model": str(args.captioner), **args.settings} if args.captioner else None
+        settings = {"source": "labeled", "dataset": args.source.name, "captioner": captioner}
+        pipeline.label_dataset(args.out.name, settings, args.source, args.out, captioner_dir=args.captioner)
     elif args.stage == "build-model":
         pipeline.build_model(
             args.source, args.out, settings=args.settings, tokenizer_table=args.tokenizer_table, seed=args.seed
@@ -116,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "infer":
         settings = {"batch_size": 16, "max_new_tokens": 20, "num_beams": 1} | args.settings
         pipeline.predict_shard(
-            args.model, args.table, args.table.parent, args.out, task=args.task, shard=args.shard, settings=settings
+            args.model,
+            args.table,
+            args.dataset_root or args.table.parent,
+            args.out,
+            task=args.task,
+            shard=args.shard,
+            settings=settings,
+            task_settings=args.task_settings or None,
         )
     elif args.stage == "score":
         keys = {"model": "", "ft": "", "variant": "", "task": args.task, "dataset": args.table.parent.name}

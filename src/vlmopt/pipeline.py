@@ -327,13 +327,31 @@ def predict_shard(
 
     ``task_settings`` are the similarity tasks' own (``templates`` for classification, ``k`` for
     retrieval re-ranking); they are recorded in the file's metadata like the generation settings.
+    Launched by torchrun (``WORLD_SIZE`` > 1), the processes split the shard's rows and write the
+    same file together (:mod:`vlmopt.distributed`).
     """
+    from vlmopt import distributed
     from vlmopt.infer import generation_settings, predict
 
     shard_index, n_shards = _parse_scatteritem(shard)
-    loaded = load_variant(model_dir)
     extra = {k: settings[k] for k in GENERATION_EXTRAS if k in settings}
     gen = generation_settings(max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"], **extra)
+    if distributed.launched():
+        # One of torchrun's processes: the ranks split the shard's rows and rank 0 writes ``out``.
+        distributed.predict_shard(
+            model_dir,
+            table,
+            dataset_root,
+            out,
+            task=task,
+            shard=(shard_index, n_shards),
+            batch_size=settings["batch_size"],
+            generate_kwargs=gen,
+            max_error_fraction=settings.get("max_error_fraction", 0.05),
+            task_settings=task_settings,
+        )
+        return
+    loaded = load_variant(model_dir)
     df = predict(
         loaded,
         pd.read_parquet(table),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pandas as pd
@@ -126,3 +127,167 @@ def test_changing_a_task_setting_reruns_only_that_task(finished_study, tmp_path)
         "all": 1,
     }
     assert set(re.findall(r"wildcards:.*task=(\w+)", result.stdout)) == {"retrieval", "classification"}
+
+
+def test_changing_a_dataset_setting_reruns_what_reads_it(finished_study, tmp_path):
+    config = yaml.safe_load((finished_study / "study.yaml").read_text())
+    config["datasets"]["shapes-colors"]["n_test"] = 10
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = run_snakemake(finished_study, "--dry-run", configfile=changed)
+    assert result.returncode == 0, result.stderr
+    # The colour-labelled set feeds classification only: 2 models x 2 variants, 2 shards each.
+    assert _job_counts(result.stdout) == {
+        "prepare_dataset": 1,
+        "infer": 8,
+        "gather_predictions": 4,
+        "score": 4,
+        "tables": 1,
+        "plots": 1,
+        "all": 1,
+    }
+    assert set(re.findall(r"wildcards:.*dataset=([\w-]+)", result.stdout)) == {"shapes-colors"}
+
+
+def _snakemake_cmd(workdir, *args):
+    from .conftest import REPO, SNAKEMAKE
+
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile"]
+    return [*cmd, str(workdir / "study.yaml"), *args]
+
+
+def test_editing_a_library_module_reruns_the_stages_that_use_it(finished_study, tmp_path):
+    import shutil
+    import subprocess
+
+    import vlmopt
+
+    # A copy of the library, first on the import path, with one metric module edited.
+    copy = tmp_path / "src" / "vlmopt"
+    shutil.copytree(vlmopt.__path__[0], copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with (copy / "metrics" / "vqa.py").open("a") as f:
+        f.write("\n# an edit\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tmp_path / "src")}
+    cmd = _snakemake_cmd(finished_study, "--dry-run", "--cores", "2")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=finished_study)
+    assert result.returncode == 0, result.stderr[-4000:]
+    # Every score job reads vlmopt.metrics (the code digest of the score stage changed); nothing upstream.
+    assert _job_counts(result.stdout) == {"score": 21, "tables": 1, "plots": 1, "all": 1}
+    assert "Params have changed since last execution" in result.stdout
+
+
+@pytest.fixture
+def study_copy(finished_study, tmp_path):
+    import shutil
+
+    copy = tmp_path / "study"
+    shutil.copytree(finished_study, copy, symlinks=True)
+    return copy
+
+
+def _run_until(cmd, workdir, done, timeout=300.0):
+    """Start snakemake in its own process group and SIGKILL the group as soon as ``done()`` holds."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not done():
+            if proc.poll() is not None:
+                raise AssertionError(f"snakemake ended before the kill: {proc.stderr.read().decode()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the awaited state never came")
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_finetuning_resumes_from_its_last_checkpoint(study_copy):
+    import json
+    import subprocess
+
+    config = yaml.safe_load((study_copy / "study.yaml").read_text())
+    config["finetune"]["realgen"].update(epochs=20, max_steps=60, checkpoint_every=5)
+    (study_copy / "study.yaml").write_text(yaml.safe_dump(config))
+    target = "results/finetuned/blip-tiny/realgen"
+    state = study_copy / "results/checkpoints/blip-tiny/realgen/last/state.json"
+
+    def checkpointed():
+        try:
+            return json.loads(state.read_text())["step"] >= 5
+        except (OSError, ValueError):
+            return False
+
+    _run_until(_snakemake_cmd(study_copy, "--cores", "1", target), study_copy, checkpointed)
+    killed_at = json.loads(state.read_text())["step"]
+    assert killed_at < 60
+    # Nothing the kill left is trusted: the finetuning job is planned again.
+    dry = subprocess.run(
+        _snakemake_cmd(study_copy, "--cores", "1", "--dry-run", target), capture_output=True, text=True, timeout=600
+    )
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert _job_counts(dry.stdout) == {"finetune": 1}
+    done = subprocess.run(
+        _snakemake_cmd(study_copy, "--cores", "1", target), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((study_copy / target / "finetune.json").read_text())
+    assert summary["resumed_from_step"] >= 5 and summary["steps"] == 60
+    assert "resumed finetuning from" in (study_copy / "logs/finetune/blip-tiny/realgen.log").read_text()
+    assert not state.parent.exists()  # checkpoints are removed once the model is saved
+
+
+def test_killed_inference_keeps_its_finished_shards(finished_study, study_copy):
+    import shutil
+    import subprocess
+
+    import pandas as pd
+
+    folder = "results/predictions/blip-tiny/full/baseline/captioning/shapes"
+    shutil.rmtree(study_copy / folder)
+    target = f"{folder}/predictions.parquet"
+    shards = [study_copy / folder / f"shard-{i}-of-2.parquet" for i in (1, 2)]
+    # One job at a time: kill as soon as the first shard is written, while the second runs.
+    _run_until(_snakemake_cmd(study_copy, "--cores", "1", target), study_copy, lambda: any(p.exists() for p in shards))
+    finished = [i for i, p in enumerate(shards, 1) if p.exists()]
+    assert len(finished) == 1
+    other = 3 - finished[0]
+    dry = subprocess.run(
+        _snakemake_cmd(study_copy, "--cores", "1", "--dry-run", target), capture_output=True, text=True, timeout=600
+    )
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    # Only the unfinished shard is predicted again.
+    assert _job_counts(dry.stdout) == {"infer": 1, "gather_predictions": 1}
+    assert f"scatteritem={other}-of-2" in dry.stdout and f"scatteritem={finished[0]}-of-2" not in dry.stdout
+    done = subprocess.run(
+        _snakemake_cmd(study_copy, "--cores", "1", target), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert pd.read_parquet(study_copy / target).equals(pd.read_parquet(finished_study / target))
+
+
+def test_a_failing_job_log_names_the_cause(tmp_path):
+    import subprocess
+
+    study = {
+        "study": "broken",
+        "datasets": {"fake": {"source": "genimage-biggan", "path": str(tmp_path / "no-such-folder")}},
+        "models": {"m": {"source": "tiny:clip", "tokenizer_dataset": "fake"}},
+        "variants": {"baseline": []},
+        "runs": [
+            {"models": ["m"], "finetune": ["none"], "variants": ["baseline"], "tasks": {"classification": "fake"}}
+        ],
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    cmd = _snakemake_cmd(tmp_path, "--cores", "1", "resources/data/fake/test.parquet")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode != 0
+    log = (tmp_path / "logs/prepare_dataset/fake.log").read_text()
+    assert "no-such-folder" in log and "FileNotFoundError" in log
+    assert "logs/prepare_dataset/fake.log" in result.stdout + result.stderr

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from vlmopt.models.base import FamilyAdapter
+if TYPE_CHECKING:  # annotations only: scoring reads tasks without loading model code
+    from vlmopt.models.base import FamilyAdapter
 
 __all__ = [
     "DEFAULT_TEMPLATES",

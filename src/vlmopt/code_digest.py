@@ -1,0 +1,171 @@
+"""Which library code each pipeline stage runs, as a digest: editing that code reruns the stage.
+
+Snakemake reruns a job when its rule's script, inputs or params change, but a script here is a
+thin call into :mod:`vlmopt.pipeline`, so an edit to, say, :mod:`vlmopt.metrics.vqa` would go
+unnoticed. Every rule therefore carries a ``code`` param, :func:`stage_digest` of its stage: a
+hash of the source of the stage's entry function in :mod:`vlmopt.pipeline` (and the pipeline
+helpers it calls), of every vlmopt module that source imports, and, transitively, of every vlmopt
+module those import (anywhere in the file, including imports inside functions, since the library
+imports heavy modules lazily), with their packages' ``__init__.py``. Editing a module that a stage
+can reach changes the digest of that stage only: an edit to the caption metrics reruns scoring and
+the tables after it, not inference. Comments count as edits (the digest is of the bytes); the
+digest reads source files, so it works the same for an editable and an installed vlmopt.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from functools import cache
+from pathlib import Path
+
+__all__ = ["STAGES", "stage_digest", "stage_modules"]
+
+#: Stage (Snakemake rule) -> its entry functions in vlmopt.pipeline.
+STAGES: dict[str, tuple[str, ...]] = {
+    "prepare_dataset": ("prepare_dataset",),
+    "label_dataset": ("label_dataset",),
+    "build_model": ("build_model",),
+    "finetune": ("finetune_model",),
+    "compress": ("compress_model",),
+    "infer": ("predict_shard",),
+    "gather_predictions": ("gather_predictions",),
+    "score": ("score_predictions",),
+    "tables": ("build_tables",),
+    "plots": ("build_plots",),
+}
+
+_PACKAGE = "vlmopt"
+
+
+#: The folder of the vlmopt package (found without importing any of its modules).
+_ROOT = Path(__file__).resolve().parent
+
+
+@cache
+def _source_path(module: str, root: Path = _ROOT) -> Path | None:
+    """The file of ``vlmopt[.x[.y]]`` (module or package) under ``root``, None for a name that is not a module."""
+    parts = module.split(".")
+    if parts[0] != _PACKAGE:
+        return None
+    base = root.joinpath(*parts[1:])
+    for path in (base / "__init__.py", base.with_suffix(".py") if len(parts) > 1 else None):
+        if path is not None and path.is_file():
+            return path
+    return None
+
+
+def _is_package(module: str, root: Path) -> bool:
+    path = _source_path(module, root)
+    return path is not None and path.name == "__init__.py"
+
+
+def _walk_runtime(node: ast.AST):
+    """``ast.walk`` without the bodies of ``if TYPE_CHECKING:`` blocks (imports for annotations only)."""
+    todo = [node]
+    while todo:
+        current = todo.pop()
+        yield current
+        if isinstance(current, ast.If) and "TYPE_CHECKING" in ast.unparse(current.test):
+            todo += current.orelse
+            continue
+        todo += list(ast.iter_child_nodes(current))
+
+
+def _imported(node: ast.AST, module: str, root: Path) -> set[str]:
+    """vlmopt modules named by the import statements under ``node`` (in ``module``)."""
+    found: set[str] = set()
+    for sub in _walk_runtime(node):
+        if isinstance(sub, ast.Import):
+            found |= {a.name for a in sub.names}
+        elif isinstance(sub, ast.ImportFrom):
+            if sub.level:  # relative: resolve against the importing module's package
+                base = module if _is_package(module, root) else module.rpartition(".")[0]
+                for _ in range(sub.level - 1):
+                    base = base.rpartition(".")[0]
+                target = f"{base}.{sub.module}" if sub.module else base
+            else:
+                target = sub.module or ""
+            found.add(target)
+            # ``from vlmopt.data import labeling`` imports a submodule.
+            found |= {f"{target}.{a.name}" for a in sub.names}
+    return {m for m in found if (m == _PACKAGE or m.startswith(_PACKAGE + ".")) and _source_path(m, root)}
+
+
+def _module_imports(module: str, root: Path) -> set[str]:
+    path = _source_path(module, root)
+    if path is None:
+        return set()
+    stat = path.stat()
+    return set(_parsed_imports(module, root, path, stat.st_mtime_ns, stat.st_size))
+
+
+@cache
+def _parsed_imports(module: str, root: Path, path: Path, mtime_ns: int, size: int) -> frozenset[str]:
+    """Imports of one file, parsed once per version of it (its modification time and size)."""
+    return frozenset(_imported(ast.parse(path.read_text(), str(path)), module, root))
+
+
+def _with_parents(module: str) -> set[str]:
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def _entry_sources(stage: str, root: Path) -> tuple[list[str], set[str]]:
+    """Source of the stage's pipeline functions (and the pipeline helpers they call) and their imports."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {sorted(STAGES)}")
+    path = _source_path(f"{_PACKAGE}.pipeline", root)
+    tree = ast.parse(path.read_text(), str(path))
+    text = path.read_text()
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    module_level = {n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)}
+    imports: set[str] = set()
+    for node in module_level:
+        imports |= _imported(node, f"{_PACKAGE}.pipeline", root)
+    sources, todo, seen = [], list(STAGES[stage]), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = functions[name]
+        sources.append(ast.get_source_segment(text, node) or "")
+        imports |= _imported(node, f"{_PACKAGE}.pipeline", root)
+        todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in functions]
+    return sorted(sources), imports
+
+
+def stage_modules(stage: str, root: str | Path | None = None) -> list[str]:
+    """Every vlmopt module (with its parent packages) that ``stage`` can import, sorted.
+
+    ``root`` is the vlmopt package folder to read (default: the one this module belongs to).
+    """
+    root = Path(root).resolve() if root is not None else _ROOT
+    _, imports = _entry_sources(stage, root)
+    todo, seen = list(imports), set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        if module == f"{_PACKAGE}.pipeline":
+            # Pipeline code counts per stage (the entry functions and the helpers they call), not
+            # as a whole, even where a module the stage runs imports the pipeline back.
+            continue
+        for parent in _with_parents(module) - seen:
+            todo.append(parent)
+        todo += [m for m in _module_imports(module, root) if m not in seen]
+    return sorted(m for m in seen if m != f"{_PACKAGE}.pipeline")
+
+
+def stage_digest(stage: str, root: str | Path | None = None) -> str:
+    """16 hex digits of SHA-256 over the stage's entry source and the modules it can import."""
+    root = Path(root).resolve() if root is not None else _ROOT
+    sources, _ = _entry_sources(stage, root)
+    h = hashlib.sha256()
+    for source in sources:
+        h.update(source.encode())
+    for module in stage_modules(stage, root):
+        h.update(module.encode() + b"\0" + _source_path(module, root).read_bytes())
+    return h.hexdigest()[:16]

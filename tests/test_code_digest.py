@@ -1,0 +1,57 @@
+"""Each stage's code digest covers the library modules it can import, and only those."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import vlmopt
+from vlmopt.code_digest import STAGES, stage_digest, stage_modules
+
+SRC = Path(vlmopt.__file__).resolve().parent
+
+
+def test_stages_reach_their_modules_and_not_others():
+    score = stage_modules("score")
+    assert {"vlmopt.metrics.caption", "vlmopt.metrics.vqa", "vlmopt.metrics.real_vs_generated"} <= set(score)
+    assert "vlmopt.compress.gptq" not in score and "vlmopt.finetune.full" not in score
+    compress = stage_modules("compress")
+    assert {"vlmopt.compress.gptq", "vlmopt.compress.awq", "vlmopt.models.blip"} <= set(compress)
+    assert "vlmopt.metrics.caption" not in compress
+    infer = stage_modules("infer")
+    assert {"vlmopt.infer", "vlmopt.models.clip", "vlmopt.tasks"} <= set(infer)
+    assert "vlmopt.metrics.vqa" not in infer
+    assert stage_modules("plots") == ["vlmopt", "vlmopt.plots", "vlmopt.plots.static", "vlmopt.tables"]
+    with pytest.raises(ValueError, match="unknown stage 'scoring'"):
+        stage_digest("scoring")
+
+
+@pytest.fixture
+def copy(tmp_path):
+    root = tmp_path / "vlmopt"
+    shutil.copytree(SRC, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_an_edit_changes_the_digests_of_the_stages_that_import_it(copy):
+    before = {stage: stage_digest(stage, copy) for stage in STAGES}
+    assert before == {stage: stage_digest(stage) for stage in STAGES}  # same bytes, same digest
+    with (copy / "metrics" / "vqa.py").open("a") as f:
+        f.write("\n# edited\n")
+    after = {stage: stage_digest(stage, copy) for stage in STAGES}
+    changed = {stage for stage in STAGES if before[stage] != after[stage]}
+    assert changed == {stage for stage in STAGES if "vlmopt.metrics.vqa" in stage_modules(stage)}
+    assert "score" in changed and "infer" not in changed and "compress" not in changed
+
+
+def test_an_edit_to_a_stage_function_changes_only_that_stage(copy):
+    before = {stage: stage_digest(stage, copy) for stage in STAGES}
+    path = copy / "pipeline.py"
+    text = path.read_text()
+    marker = '    """Merge shard predictions in dataset order, refusing duplicates and gaps."""\n'
+    assert marker in text
+    path.write_text(text.replace(marker, marker + "    # edited\n"))
+    after = {stage: stage_digest(stage, copy) for stage in STAGES}
+    assert {stage for stage in STAGES if before[stage] != after[stage]} == {"gather_predictions"}
