@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 
@@ -206,6 +207,9 @@ def _run_until(cmd, workdir, done, timeout=300.0):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    # Snakemake itself was killed too (a node failure): its lock stays until --unlock.
+    unlock = subprocess.run([*cmd, "--unlock"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert unlock.returncode == 0, unlock.stderr[-3000:]
 
 
 def test_killed_finetuning_resumes_from_its_last_checkpoint(study_copy):
@@ -243,33 +247,53 @@ def test_killed_finetuning_resumes_from_its_last_checkpoint(study_copy):
     assert not state.parent.exists()  # checkpoints are removed once the model is saved
 
 
-def test_killed_inference_keeps_its_finished_shards(finished_study, study_copy):
-    import shutil
+def test_killed_inference_keeps_its_finished_shards(tmp_path):
     import subprocess
 
     import pandas as pd
 
-    folder = "results/predictions/blip-tiny/full/baseline/captioning/shapes"
-    shutil.rmtree(study_copy / folder)
+    study = {
+        "study": "shards",
+        "datasets": {"shapes": {"source": "synthetic", "n_train": 8, "n_val": 2, "n_test": 12}},
+        "models": {"blip-tiny": {"source": "tiny:blip", "tokenizer_dataset": "shapes"}},
+        "variants": {"baseline": []},
+        "runs": [
+            {"models": ["blip-tiny"], "finetune": ["none"], "variants": ["baseline"], "tasks": {"captioning": "shapes"}}
+        ],
+        "inference": {"batch_size": 4, "shards": 2, "max_new_tokens": 4},
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    folder = "results/predictions/blip-tiny/none/baseline/captioning/shapes"
     target = f"{folder}/predictions.parquet"
-    shards = [study_copy / folder / f"shard-{i}-of-2.parquet" for i in (1, 2)]
-    # One job at a time: kill as soon as the first shard is written, while the second runs.
-    _run_until(_snakemake_cmd(study_copy, "--cores", "1", target), study_copy, lambda: any(p.exists() for p in shards))
-    finished = [i for i, p in enumerate(shards, 1) if p.exists()]
+    shards = [f"{folder}/shard-{i}-of-2.parquet" for i in (1, 2)]
+
+    def recorded(rel):
+        # Snakemake has registered the job as finished: metadata written, no incomplete marker.
+        name = base64.urlsafe_b64encode(rel.encode()).decode()
+        meta = tmp_path / ".snakemake" / "metadata" / name
+        return meta.exists() and not (tmp_path / ".snakemake" / "incomplete" / name).exists()
+
+    # One job at a time: kill as soon as the first shard is done, while the second runs.
+    _run_until(_snakemake_cmd(tmp_path, "--cores", "1", target), tmp_path, lambda: any(map(recorded, shards)))
+    finished = [i for i, rel in enumerate(shards, 1) if recorded(rel)]
     assert len(finished) == 1
     other = 3 - finished[0]
+    kept = tmp_path / shards[finished[0] - 1]
+    before = (kept.stat().st_ino, kept.stat().st_mtime_ns)
     dry = subprocess.run(
-        _snakemake_cmd(study_copy, "--cores", "1", "--dry-run", target), capture_output=True, text=True, timeout=600
+        _snakemake_cmd(tmp_path, "--cores", "1", "--dry-run", target), capture_output=True, text=True, timeout=600
     )
     assert dry.returncode == 0, dry.stderr[-3000:]
     # Only the unfinished shard is predicted again.
     assert _job_counts(dry.stdout) == {"infer": 1, "gather_predictions": 1}
     assert f"scatteritem={other}-of-2" in dry.stdout and f"scatteritem={finished[0]}-of-2" not in dry.stdout
-    done = subprocess.run(
-        _snakemake_cmd(study_copy, "--cores", "1", target), capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run(_snakemake_cmd(tmp_path, "--cores", "1", target), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert pd.read_parquet(study_copy / target).equals(pd.read_parquet(finished_study / target))
+    assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == before  # the finished shard was not redone
+    merged = pd.read_parquet(tmp_path / target)
+    assert list(merged["sample_id"]) == list(
+        pd.read_parquet(tmp_path / "resources/data/shapes/test.parquet")["sample_id"]
+    )
 
 
 def test_a_failing_job_log_names_the_cause(tmp_path):
