@@ -45,12 +45,4 @@ rule gather_predictions:
     run:
         from vlmopt.pipeline import gather_predictions
 
-        try:
-            gather_predictions(input.shards, input.table, output[0])
-        except Exception as exc:
-            # The job's log names the cause, as a script job's would.
-            with open(log[0], "w") as f:
-                f.write(f"gather_predictions failed: {type(exc).__name__}: {exc}\n")
-            raise
-        with open(log[0], "w") as f:
-            f.write(f"merged {len(input.shards)} shard(s) into {output[0]}\n")
+        gather_predictions(input.shards, input.table, output[0], log_path=log[0])

@@ -370,13 +370,26 @@ def predict_shard(
     write_predictions(df, out, meta)
 
 
-def gather_predictions(shards: Iterable[str | Path], table: str | Path, out: str | Path) -> None:
-    """Merge shard predictions in dataset order, refusing duplicates and gaps."""
-    frames, meta = [], {}
-    for path in shards:
-        df, meta = read_predictions(path)
-        frames.append(df)
-    write_predictions(merge_shards(frames, pd.read_parquet(table, columns=["sample_id"])), out, meta)
+def gather_predictions(
+    shards: Iterable[str | Path], table: str | Path, out: str | Path, *, log_path: str | Path | None = None
+) -> None:
+    """Merge shard predictions in dataset order, refusing duplicates and gaps.
+
+    ``log_path`` receives one line: what was merged, or why merging failed (the error is raised too).
+    """
+    shards = list(shards)
+    try:
+        frames, meta = [], {}
+        for path in shards:
+            df, meta = read_predictions(path)
+            frames.append(df)
+        write_predictions(merge_shards(frames, pd.read_parquet(table, columns=["sample_id"])), out, meta)
+    except Exception as exc:
+        if log_path is not None:
+            Path(log_path).write_text(f"gather_predictions failed: {type(exc).__name__}: {exc}\n")
+        raise
+    if log_path is not None:
+        Path(log_path).write_text(f"merged {len(shards)} shard(s) into {out}\n")
 
 
 def score_predictions(

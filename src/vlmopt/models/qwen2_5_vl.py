@@ -124,7 +124,9 @@ class Qwen25VLAdapter(FamilyAdapter):
     }
 
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
-        tokenizer = _tiny_tokenizer([*texts, *(p.format(question="") for p in self.prompts.values())])
+        # The real-vs-generated prompt repeats the others' words; leaving it out keeps the tiny vocabulary's order.
+        prompts = [p for task, p in self.prompts.items() if task != "real_vs_generated"]
+        tokenizer = _tiny_tokenizer([*texts, *(p.format(question="") for p in prompts)])
         patch, merge = self.tiny_patch_size, self.tiny_merge_size
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in CHAT_TOKENS}
         vision = Qwen2_5_VLVisionConfig(
