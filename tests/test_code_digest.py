@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 
@@ -49,9 +50,11 @@ def test_an_edit_changes_the_digests_of_the_stages_that_import_it(copy):
 def test_an_edit_to_a_stage_function_changes_only_that_stage(copy):
     before = {stage: stage_digest(stage, copy) for stage in STAGES}
     path = copy / "pipeline.py"
-    text = path.read_text()
-    marker = '    """Merge shard predictions in dataset order, refusing duplicates and gaps."""\n'
-    assert marker in text
-    path.write_text(text.replace(marker, marker + "    # edited\n"))
+    lines = path.read_text().splitlines(keepends=True)
+    function = next(
+        n for n in ast.parse("".join(lines)).body if isinstance(n, ast.FunctionDef) and n.name == "gather_predictions"
+    )
+    at = function.body[-1].lineno - 1  # a comment before the function's last statement
+    path.write_text("".join([*lines[:at], "    # edited\n", *lines[at:]]))
     after = {stage: stage_digest(stage, copy) for stage in STAGES}
     assert {stage for stage in STAGES if before[stage] != after[stage]} == {"gather_predictions"}
