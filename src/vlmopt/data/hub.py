@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -36,6 +36,7 @@ import pandas as pd
 from vlmopt.data.local_folders import IMAGE_SUFFIXES
 
 __all__ = [
+    "checked_splits",
     "has_image",
     "image_suffix",
     "load_hub_dataset",
@@ -229,3 +230,18 @@ def _image_bytes(value: dict | None, hub_id: str | Path, split: str, row: int, c
     if path:
         raise FileNotFoundError(f"{where}: the image has no bytes and its path {path!r} is not a file")
     raise ValueError(f"{where}: the row has no image")
+
+
+def checked_splits(
+    hub_id: str, splits: dict[str, Sequence[str]], columns: Iterable[str]
+) -> Iterator[tuple[str, str, Any]]:
+    """For each of our splits: its name, the hub split read for it, and that split, checked for ``columns``.
+
+    ``splits`` maps our split name to the hub names it may have (the first found is read).
+    """
+    loaded = load_hub_dataset(hub_id)
+    for split, names in splits.items():
+        dataset = require_split(loaded, names, hub_id)
+        hub_split = next(n for n in names if n in loaded)
+        require_columns(dataset, columns, hub_id, hub_split)
+        yield split, hub_split, dataset

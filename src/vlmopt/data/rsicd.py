@@ -29,10 +29,8 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from vlmopt.data.hub import (
-    load_hub_dataset,
+    checked_splits,
     remove_stale_images,
-    require_columns,
-    require_split,
     split_table,
     write_images,
 )
@@ -77,13 +75,9 @@ def make_rsicd(
     """Read RSICD from ``hub_id`` and write its train/val/test tables and images under ``root``."""
     root = Path(root)
     hub_id = str(hub_id)
-    splits = load_hub_dataset(hub_id)
     tables: dict[str, pd.DataFrame] = {}
     written: list[str] = []
-    for split, names in HUB_SPLITS.items():
-        dataset = require_split(splits, names, hub_id)
-        hub_split = next(n for n in names if n in splits)
-        require_columns(dataset, HUB_COLUMNS, hub_id, hub_split)
+    for split, hub_split, dataset in checked_splits(hub_id, HUB_SPLITS, HUB_COLUMNS):
         table = rsicd_table(split_table(dataset, ["filename", "captions"]), hub_id, hub_split)
         table = deterministic_subset(table, max_samples, seed=seed)
         rows = [int(r) for r in table["_row"]]

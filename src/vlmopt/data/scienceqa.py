@@ -47,11 +47,9 @@ from pathlib import Path
 import pandas as pd
 
 from vlmopt.data.hub import (
+    checked_splits,
     has_image,
-    load_hub_dataset,
     remove_stale_images,
-    require_columns,
-    require_split,
     split_table,
     write_images,
 )
@@ -135,13 +133,9 @@ def make_scienceqa(
     """Read ScienceQA from ``hub_id`` and write the image questions of train/val/test under ``root``."""
     root = Path(root)
     hub_id = str(hub_id)
-    splits = load_hub_dataset(hub_id)
     tables: dict[str, pd.DataFrame] = {}
     written: list[str] = []
-    for split, names in HUB_SPLITS.items():
-        dataset = require_split(splits, names, hub_id)
-        hub_split = next(n for n in names if n in splits)
-        require_columns(dataset, HUB_COLUMNS, hub_id, hub_split)
+    for split, hub_split, dataset in checked_splits(hub_id, HUB_SPLITS, HUB_COLUMNS):
         keep = has_image(dataset, "image").tolist()
         rows = split_table(dataset, ["question", "choices", "answer", "hint", "subject"])
         table = deterministic_subset(scienceqa_table(rows, keep, hub_id, hub_split), max_samples, seed=seed)
