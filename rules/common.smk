@@ -3,22 +3,37 @@ import re
 
 from snakemake.utils import validate
 
-from vlmopt.code_digest import STAGES, stage_digest
-from vlmopt.compress import step_datasets
+from vlmopt.code_digest import stage_digest
 from vlmopt.study import canonical, check_study, evaluations, expand_grids
 
 # Defaults live in the code that uses each setting; the schema only checks.
 validate(config, "../workflow/schemas/config.schema.yaml", set_default=False)
 config["variants"] = {**config["variants"], **expand_grids(config)}
-check_study(config)
+# The main Snakemake process checks the whole study. A process started to run one job (on a
+# cluster node: exec mode "remote") reads the same, already checked study and skips the check,
+# whose model and compression imports (torch, transformers) take seconds of every job's start-up.
+if workflow.is_main_process:
+    check_study(config)
 # Sorted keys everywhere: reordering a study file's keys must not change any job's params.
 _sorted_config = canonical(config)
 config.clear()
 config.update(_sorted_config)
 
 EVALUATIONS = evaluations(config)
-# Digest of the library code each rule runs (its `code` param).
-CODE = {stage: stage_digest(stage) for stage in STAGES}
+# Digest of the library code each rule runs, computed on first use and kept.
+_CODE = {}
+
+
+def code(stage):
+    """A rule's `code` param: the digest of the library code its stage runs (vlmopt.code_digest)."""
+
+    def digest(wildcards):
+        if stage not in _CODE:
+            _CODE[stage] = stage_digest(stage)
+        return _CODE[stage]
+
+    return digest
+
 SPLITS = ["train", "val", "test"]
 SHARDS = config.get("inference", {}).get("shards", 2)
 INFERENCE = canonical(
@@ -138,6 +153,9 @@ def variant_steps(wildcards):
 
 def calibration_inputs(wildcards):
     """Split tables and images of the datasets that the variant's steps calibrate or train on."""
+    # Imported here: only compression jobs (and the main process) pay for torch.
+    from vlmopt.compress import step_datasets
+
     inputs = {}
     for i, step in enumerate(config["variants"][wildcards.variant]):
         for dataset, split in step_datasets(step):

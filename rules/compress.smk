@@ -12,7 +12,7 @@ rule compress:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["compress"],
+        code=code("compress"),
         steps=variant_steps,
     script:
         "../workflow/scripts/compress.py"

@@ -10,7 +10,7 @@ rule prepare_dataset:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["prepare_dataset"],
+        code=code("prepare_dataset"),
         settings=dataset_settings,
         seed=config.get("seed", 0),
     script:
@@ -37,7 +37,7 @@ rule label_dataset:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["label_dataset"],
+        code=code("label_dataset"),
         settings=dataset_settings,
     script:
         "../workflow/scripts/label_dataset.py"

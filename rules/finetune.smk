@@ -11,7 +11,7 @@ rule finetune:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["finetune"],
+        code=code("finetune"),
         settings=finetune_settings,
         seed=config.get("seed", 0),
         # Checkpoints live outside the output, so that a killed job's rerun resumes from them.

@@ -16,7 +16,7 @@ rule infer:
         processes=INFERENCE["processes"],
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["infer"],
+        code=code("infer"),
         settings=generation_settings,
         task_settings=task_settings,
     script:
@@ -41,7 +41,7 @@ rule gather_predictions:
         "logs/gather_predictions/{model}/{ft}/{variant}/{task}/{dataset}.log",
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["gather_predictions"],
+        code=code("gather_predictions"),
     run:
         from vlmopt.pipeline import gather_predictions
 

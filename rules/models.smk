@@ -9,7 +9,7 @@ rule build_model:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["build_model"],
+        code=code("build_model"),
         settings=model_settings,
         seed=config.get("seed", 0),
     script:

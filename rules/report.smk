@@ -11,7 +11,7 @@ rule tables:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["tables"],
+        code=code("tables"),
     script:
         "../workflow/scripts/tables.py"
 
@@ -36,6 +36,6 @@ rule plots:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["plots"],
+        code=code("plots"),
     script:
         "../workflow/scripts/plots.py"

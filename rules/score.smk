@@ -10,7 +10,7 @@ rule score:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=CODE["score"],
+        code=code("score"),
         evaluation=score_keys,
         settings=chain_settings,
     script:
