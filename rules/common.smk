@@ -34,6 +34,7 @@ def code(stage):
 
     return digest
 
+
 SPLITS = ["train", "val", "test"]
 SHARDS = config.get("inference", {}).get("shards", 2)
 INFERENCE = canonical(
