@@ -35,6 +35,13 @@ def _steps(text: str) -> list:
     return steps
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        help="auto (a GPU where torch sees one, else the CPU), cpu, cuda or cuda:N; default: $VLMOPT_DEVICE, else auto",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmopt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vlmopt {__version__}")
@@ -53,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--settings", type=_json, default={}, help='captioner settings, e.g. {"reason": true, "batch_size": 64}'
     )
+    _device_option(p)
 
     p = sub.add_parser("build-model", help="build tiny:<family> or fetch a hub id, and save it")
     p.add_argument("source")
@@ -68,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", type=_json, default={})
     p.add_argument("--checkpoints", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
+    _device_option(p)
 
     p = sub.add_parser("compress", help="apply compression steps and write manifest.json")
     p.add_argument("--model", type=Path, required=True, help="model folder (built, finetuned or downloaded)")
@@ -79,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='a YAML or JSON file with a list of steps, or the list inline: \'[{"method": "uniform", ...}]\'',
     )
     p.add_argument("--data-root", type=Path, default=Path("resources/data"), help="where calibration datasets live")
+    _device_option(p)
 
     p = sub.add_parser(
         "infer", help="predict one shard of a dataset split (under torchrun, its processes split the shard)"
@@ -95,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset-root", type=Path, help="folder the table's image paths are relative to (default: its own)"
     )
+    _device_option(p)
 
     p = sub.add_parser("score", help="score predictions on CPU")
     p.add_argument("predictions", type=Path)
@@ -116,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "label-dataset":
         captioner = {"model": str(args.captioner), **args.settings} if args.captioner else None
         settings = {"source": "labeled", "dataset": args.source.name, "captioner": captioner}
-        pipeline.label_dataset(args.out.name, settings, args.source, args.out, captioner_dir=args.captioner)
+        pipeline.label_dataset(
+            args.out.name, settings, args.source, args.out, captioner_dir=args.captioner, device=args.device
+        )
     elif args.stage == "build-model":
         pipeline.build_model(
             args.source, args.out, settings=args.settings, tokenizer_table=args.tokenizer_table, seed=args.seed
@@ -130,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             dataset_root=args.train_table.parent,
             checkpoint_dir=args.checkpoints,
             seed=args.seed,
+            device=args.device,
         )
     elif args.stage == "compress":
-        pipeline.compress_model(args.model, args.out, steps=args.steps, data_root=args.data_root)
+        pipeline.compress_model(args.model, args.out, steps=args.steps, data_root=args.data_root, device=args.device)
     elif args.stage == "infer":
         settings = {"batch_size": 16, "max_new_tokens": 20, "num_beams": 1} | args.settings
         pipeline.predict_shard(
@@ -144,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             shard=args.shard,
             settings=settings,
             task_settings=args.task_settings or None,
+            device=args.device,
         )
     elif args.stage == "score":
         keys = {"model": "", "ft": "", "variant": "", "task": args.task, "dataset": args.table.parent.name}

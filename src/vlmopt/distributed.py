@@ -92,15 +92,18 @@ def _timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _device(me: Rank, model_dir: str | Path):
-    """``cuda:LOCAL_RANK`` where CUDA is available and the variant runs there, else the CPU."""
+def _device(me: Rank, model_dir: str | Path, setting: str | None = None):
+    """``cuda:LOCAL_RANK`` where the job runs on CUDA (``VLMOPT_DEVICE``, :mod:`vlmopt.device`) and
+    the variant can, else the CPU."""
     import torch
 
-    if not torch.cuda.is_available():
+    from vlmopt.device import resolve_device, variant_cpu_reason
+
+    if resolve_device(setting).type == "cpu":
         return torch.device("cpu")
-    manifest = Path(model_dir) / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("runtime_steps"):
-        log.info("rank %d: the variant has runtime (dynamic int8) steps, which run on the CPU only", me.rank)
+    reason = variant_cpu_reason(model_dir)
+    if reason:
+        log.info("rank %d runs on the CPU: %s", me.rank, reason)
         return torch.device("cpu")
     n_gpus = torch.cuda.device_count()
     if me.local_rank >= n_gpus:
@@ -123,6 +126,7 @@ def predict_shard(
     generate_kwargs: dict[str, Any],
     max_error_fraction: float = 0.05,
     task_settings: dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> None:
     """This rank's part of :func:`vlmopt.pipeline.predict_shard` (``shard``: 0-based index, count).
 
@@ -141,6 +145,7 @@ def predict_shard(
         generate_kwargs=generate_kwargs,
         max_error_fraction=max_error_fraction,
         task_settings=task_settings,
+        device=device,
     )
 
 
@@ -156,6 +161,7 @@ def _predict_shard(
     generate_kwargs: dict[str, Any],
     max_error_fraction: float,
     task_settings: dict[str, Any] | None,
+    device: str | None,
 ) -> None:
     import torch.distributed as dist
 
@@ -164,7 +170,7 @@ def _predict_shard(
     from vlmopt.tables import write_predictions
 
     me = Rank.from_env()
-    device = _device(me, model_dir)
+    device = _device(me, model_dir, device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         import torch

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlmopt.data.images import open_image
+from vlmopt.device import to_model_device
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import text_ids
 from vlmopt.tables import merge_shards
@@ -118,6 +119,7 @@ def predict(
     bar = tqdm(total=len(images), desc=f"{task} shard {shard + 1}/{n_shards}", disable=not progress, unit="sample")
     for batch in batches:
         encoded = loaded.adapter.encode(loaded, [images[i] for i in batch], [prompts[i] for i in batch])
+        encoded.inputs = to_model_device(encoded.inputs, loaded.model)
         texts = loaded.adapter.generate(loaded, encoded, **generate_kwargs)
         for i, text in zip(batch, texts, strict=True):
             predictions[i] = text.strip()

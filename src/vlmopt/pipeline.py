@@ -72,6 +72,7 @@ def label_dataset(
     out_dir: str | Path,
     *,
     captioner_dir: str | Path | None = None,
+    device: str | None = None,
 ) -> None:
     """Label dataset ``settings['dataset']`` (at ``source_root``) for real-vs-generated finetuning.
 
@@ -80,6 +81,7 @@ def label_dataset(
     every image and, unless ``reason`` is false, answers the study's "What details indicate this
     image is (not) AI-generated?" for its label; the texts go into each image's label text (see
     :mod:`vlmopt.data.labeling`). Greedy decoding, so the labels do not depend on batch size.
+    The captioner runs on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
     """
     from vlmopt.data.labeling import REASON_QUESTIONS, check_real_generated_labels, make_labeled
 
@@ -89,10 +91,12 @@ def label_dataset(
     if captioner:
         if captioner_dir is None:
             raise ValueError(f"dataset {name!r}: a captioner is configured but no captioner model folder was given")
+        from vlmopt.device import place
         from vlmopt.infer import generation_settings, predict
         from vlmopt.models import load_model
 
         loaded = load_model(captioner_dir)
+        place(loaded.model, device, model_dir=captioner_dir)
         gen = generation_settings(
             max_new_tokens=captioner.get("max_new_tokens", 20), num_beams=captioner.get("num_beams", 1)
         )
@@ -151,8 +155,13 @@ def finetune_model(
     dataset_root: str | Path,
     checkpoint_dir: str | Path,
     seed: int = 0,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Full finetuning of the model in ``model_dir``; resumes from ``checkpoint_dir`` after a kill."""
+    """Full finetuning of the model in ``model_dir``; resumes from ``checkpoint_dir`` after a kill.
+
+    Trains on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
+    """
+    from vlmopt.device import place
     from vlmopt.finetune import FullFinetuneConfig, finetune
     from vlmopt.models import load_model
 
@@ -160,6 +169,7 @@ def finetune_model(
     options.setdefault("seed", seed)
     config = FullFinetuneConfig.from_dict(options)
     loaded = load_model(model_dir)
+    place(loaded.model, device)
     summary = finetune(loaded, pd.read_parquet(train_table), dataset_root, config, checkpoint_dir=checkpoint_dir)
     loaded.save(out_dir)
     (Path(out_dir) / "finetune.json").write_text(json.dumps(summary, indent=2))
@@ -175,18 +185,27 @@ def finetune_model(
 
 
 def compress_model(
-    model_dir: str | Path, out_dir: str | Path, *, steps: list[dict[str, Any]], data_root: str | Path = "resources/data"
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    steps: list[dict[str, Any]],
+    data_root: str | Path = "resources/data",
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Apply a variant's compression steps and save the model with its ``manifest.json``.
 
     Steps with ``calibration: {dataset, split, n, ...}`` calibrate on that split of
     ``data_root/<dataset>``, and ``lora`` steps train on theirs. Runtime steps (dynamic int8) do
     not survive safetensors: the folder holds the weights they start from, the manifest records
-    them, and :func:`load_variant` re-applies them.
+    them, and :func:`load_variant` re-applies them. Calibration, GPTQ, AWQ and LoRA training run on
+    ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
     """
+    from vlmopt.device import place
     from vlmopt.models import load_model
 
-    return compress_loaded(load_model(model_dir), out_dir, steps=steps, data_root=data_root, source=model_dir)
+    loaded = load_model(model_dir)
+    place(loaded.model, device)
+    return compress_loaded(loaded, out_dir, steps=steps, data_root=data_root, source=model_dir)
 
 
 def compress_loaded(
@@ -199,9 +218,9 @@ def compress_loaded(
 ) -> dict[str, Any]:
     """:func:`compress_model` on a model already in memory, which is changed in place.
 
-    On return ``loaded`` is the model as :func:`load_variant` reads it back from ``out_dir``
-    (runtime steps applied, kept adapters attached). ``source`` is the folder it was loaded from,
-    hashed into the manifest.
+    The steps run on the model's device; on return ``loaded`` is the model as :func:`load_variant`
+    reads it back from ``out_dir``, on the CPU (runtime steps applied, kept adapters attached).
+    ``source`` is the folder it was loaded from, hashed into the manifest.
     """
     from vlmopt.compress import (
         TrainingData,
@@ -230,6 +249,8 @@ def compress_loaded(
         loaded.model, loaded.parts(), steps, defer_runtime=True, calibration=calibration, training=training
     )
     out_dir = Path(out_dir)
+    # Saved from the CPU, where runtime steps (dynamic int8) run.
+    loaded.model.to("cpu")
     # Kept LoRA adapters go to their own files; the folder's model is the base model.
     save_adapters(loaded.model, out_dir)
     loaded.save(out_dir)
@@ -322,15 +343,19 @@ def predict_shard(
     shard: str,
     settings: dict[str, Any],
     task_settings: dict[str, Any] | None = None,
+    device: str | None = None,
 ) -> None:
     """Predict one shard (``'i-of-n'``) of a dataset split for ``task`` and write it as Parquet.
 
     ``task_settings`` are the similarity tasks' own (``templates`` for classification, ``k`` for
     retrieval re-ranking); they are recorded in the file's metadata like the generation settings.
     Launched by torchrun (``WORLD_SIZE`` > 1), the processes split the shard's rows and write the
-    same file together (:mod:`vlmopt.distributed`).
+    same file together (:mod:`vlmopt.distributed`), each on its own GPU. A single process runs on
+    ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one; the CPU for a
+    variant with runtime steps such as dynamic int8).
     """
     from vlmopt import distributed
+    from vlmopt.device import place
     from vlmopt.infer import generation_settings, predict
 
     shard_index, n_shards = _parse_scatteritem(shard)
@@ -349,9 +374,11 @@ def predict_shard(
             generate_kwargs=gen,
             max_error_fraction=settings.get("max_error_fraction", 0.05),
             task_settings=task_settings,
+            device=device,
         )
         return
     loaded = load_variant(model_dir)
+    place(loaded.model, device, model_dir=model_dir)
     df = predict(
         loaded,
         pd.read_parquet(table),

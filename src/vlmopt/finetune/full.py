@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vlmopt.data.images import open_image
+from vlmopt.device import to_model_device
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import pixel_values
 from vlmopt.tasks import get_task, served_tasks
@@ -84,7 +85,10 @@ def _save_checkpoint(directory: Path, loaded: LoadedModel, optimizer: torch.opti
     tmp.mkdir(parents=True)
     state = {k: v.detach().contiguous().clone() for k, v in loaded.model.state_dict().items()}
     save_file(state, tmp / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    rng = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
@@ -98,6 +102,8 @@ def _load_checkpoint(directory: Path, loaded: LoadedModel, optimizer: torch.opti
     trainer = torch.load(directory / "trainer.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
     torch.set_rng_state(trainer["rng"])
+    if "cuda_rng" in trainer and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
     return int(json.loads((directory / "state.json").read_text())["step"])
 
 
@@ -196,6 +202,7 @@ def finetune(
         else:
             encoded = loaded.adapter.encode(loaded, None, prompts, targets)
             encoded.inputs["pixel_values"] = pixel_cache[[r for r, _, _ in batch]]
+        encoded.inputs = to_model_device(encoded.inputs, model)
         for group in optimizer.param_groups:
             group["lr"] = scheduler_lr(step)
         loss = loaded.adapter.loss(loaded, encoded)
