@@ -113,7 +113,8 @@ def _stop(process: subprocess.Popen, workdir: Path, conf: Path | None = None) ->
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     if conf is not None:
-        job_ids = re.findall(r"submitted with SLURM jobid (\d+)", (workdir / "snakemake.out").read_text())
+        out = (workdir / "snakemake.out").read_text()
+        job_ids = re.findall(r"submitted with SLURM jobid (\d+)", out) + re.findall(r"SLURM job ID (\d+)\.", out)
         if job_ids:
             env = {**os.environ, "SLURM_CONF": str(conf)}
             subprocess.run(["scancel", *job_ids], capture_output=True, timeout=30, env=env)
@@ -124,6 +125,14 @@ def _finish(process: subprocess.Popen, workdir: Path, what: str) -> str:
     out = (workdir / "snakemake.out").read_text()
     assert process.returncode == 0, f"{what} run failed (exit {process.returncode}):\n{out[-6000:]}"
     return out
+
+
+def _slurm_job_ids(out: str) -> list[str]:
+    """SLURM ids of the jobs a run submitted: single jobs, and ``<array>_<task>`` for array tasks."""
+    ids = re.findall(r"submitted with SLURM jobid (\d+)", out)
+    for array, first, last in re.findall(r"SLURM job ID (\d+)\. The individual task IDs are (\d+)-(\d+)\.", out):
+        ids += [f"{array}_{task}" for task in range(int(first), int(last) + 1)]
+    return ids
 
 
 def _job_fields(slurm_job_id: str, conf: Path) -> dict[str, str]:
@@ -168,11 +177,14 @@ def test_slurm_run_equals_local_run(slurm_conf, tmp_path):
             _stop(slurm, slurm_dir, slurm_conf)
 
     # Every job but the shards' merge went through SLURM, each to its partition, one task each;
-    # GPU jobs with one GPU.
-    submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", out)
-    assert sorted(rule for _, rule in submitted) == sorted(SUBMITTED), out[-6000:]
-    for job_id, rule in submitted:
-        fields = _job_fields(job_id, slurm_conf)
+    # GPU jobs with one GPU. The two inference shards went as one job array (slurm-array-jobs).
+    submitted = {job_id: _job_fields(job_id, slurm_conf) for job_id in _slurm_job_ids(out)}
+    rules = {i: re.match(r"rule_(\w+?)(?:_wildcards_|$)", f["Comment"]).group(1) for i, f in submitted.items()}
+    assert sorted(rules.values()) == sorted(SUBMITTED), out[-6000:]
+    arrays = {job_id: f.get("ArrayJobId") for job_id, f in submitted.items() if rules[job_id] == "infer"}
+    assert len(set(arrays.values())) == 1 and None not in arrays.values(), arrays
+    for job_id, fields in submitted.items():
+        rule = rules[job_id]
         assert fields["JobState"] == "COMPLETED", (rule, fields)
         assert fields["NumTasks"] == "1", (rule, fields)
         if rule in GPU_RULES:
