@@ -256,55 +256,23 @@ def _predict_rows(
     merge, as a single process checks it.
     """
     from vlmopt import infer
-    from vlmopt.data.images import open_image
-    from vlmopt.tasks import get_task
 
-    spec = get_task(task)
-    own = dataset.iloc[rows.start : rows.stop].reset_index(drop=True)
-    if own.empty:
+    if rows.start >= rows.stop:
         # More ranks than rows: nothing to predict here (the part is empty, the merge still checks).
         return pd.DataFrame({c: pd.Series([], dtype="string") for c in ("sample_id", "prediction", "error")})
-    if spec.kind != "similarity":
-        # A generated text reads nothing but its own row: the rows alone are the table.
-        return infer.predict(
-            loaded,
-            own,
-            dataset_root,
-            task,
-            batch_size=batch_size,
-            generate_kwargs=generate_kwargs,
-            max_error_fraction=1.0,
-            progress=progress,
-        )
-    # Similarity scores are against the whole split (every class, every caption), so the split is
-    # the context and only this rank's rows are scored, as predict does for a shard.
-    if task not in loaded.adapter.tasks:
-        raise ValueError(f"family {loaded.family!r} cannot run task {task!r}; it runs {list(loaded.adapter.tasks)}")
-    missing = [c for c in ("sample_id", "image", *spec.columns) if c not in dataset.columns]
-    if missing:
-        raise ValueError(f"dataset has no column(s) {missing} needed by task {task!r}")
-    images: dict[int, Any] = {}
-    errors: list[str | None] = [None] * len(own)
-    for i, rel in enumerate(own["image"]):
-        try:
-            images[i] = open_image(dataset_root, rel)
-        except OSError as exc:
-            errors[i] = str(exc)
-            log.warning("%s: %s", own["sample_id"][i], exc)
-    loaded.model.eval()
-    columns = infer.similarity_predictions(
+    # The whole split is the context (similarity scores are against every class or caption); only
+    # this rank's rows are predicted.
+    return infer.predict(
         loaded,
         dataset,
         dataset_root,
         task,
-        rows=list(rows),
-        images=images,
         batch_size=batch_size,
-        settings=task_settings or {},
+        generate_kwargs=generate_kwargs,
+        max_error_fraction=1.0,
         progress=progress,
-    )
-    return pd.DataFrame(
-        {"sample_id": own["sample_id"].astype(str), **columns, "error": pd.Series(errors, dtype="string")}
+        task_settings=task_settings,
+        rows=rows,
     )
 
 

@@ -59,8 +59,9 @@ def predict(
     max_error_fraction: float = 0.05,
     progress: bool = True,
     task_settings: dict[str, Any] | None = None,
+    rows: range | None = None,
 ) -> pd.DataFrame:
-    """Predict ``task`` for this shard's rows of ``dataset``.
+    """Predict ``task`` for this shard's rows of ``dataset`` (or for ``rows``, a range of them, if given).
 
     Returns a frame with ``sample_id``, ``prediction`` and ``error`` (null when the sample
     succeeded) in dataset order; similarity tasks add ``scores`` (and ``scores_t2i`` for
@@ -76,7 +77,8 @@ def predict(
     missing = [c for c in ("sample_id", "image", *spec.columns) if c not in dataset.columns]
     if missing:
         raise ValueError(f"dataset has no column(s) {missing} needed by task {task!r}")
-    rows = dataset.iloc[list(shard_rows(len(dataset), shard, n_shards))].reset_index(drop=True)
+    selected = list(rows if rows is not None else shard_rows(len(dataset), shard, n_shards))
+    rows = dataset.iloc[selected].reset_index(drop=True)
     prompts = spec.prompts(rows, loaded.adapter)
     predictions: list[str] = [""] * len(rows)
     errors: list[str | None] = [None] * len(rows)
@@ -102,7 +104,7 @@ def predict(
             dataset,
             dataset_root,
             task,
-            rows=list(shard_rows(len(dataset), shard, n_shards)),
+            rows=selected,
             images=images,
             batch_size=batch_size,
             settings=task_settings or {},
