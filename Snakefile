@@ -14,6 +14,7 @@ include: "rules/finetune.smk"
 include: "rules/compress.smk"
 include: "rules/infer.smk"
 include: "rules/score.smk"
+include: "rules/profile.smk"
 include: "rules/report.smk"
 
 
@@ -22,5 +23,7 @@ rule all:
     input:
         "results/tables/scores.parquet",
         "results/tables/summary.parquet",
+        "results/tables/efficiency.parquet",
         "results/plots/quality_vs_size.png",
         "results/plots/task_bars.png",
+        "results/plots/quality_vs_cost.png",

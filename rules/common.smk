@@ -4,7 +4,7 @@ import re
 from snakemake.utils import validate
 
 from vlmopt.code_digest import stage_digest
-from vlmopt.study import canonical, check_study, evaluations, expand_grids
+from vlmopt.study import canonical, check_study, evaluations, expand_grids, profiled
 
 # Defaults live in the code that uses each setting; the schema only checks.
 validate(config, "../workflow/schemas/config.schema.yaml", set_default=False)
@@ -20,6 +20,12 @@ config.clear()
 config.update(_sorted_config)
 
 EVALUATIONS = evaluations(config)
+# (model, ft, variant) -> {task: dataset}: one profiling job per variant, each task on its first dataset.
+PROFILED = profiled(config)
+PROFILING = canonical(
+    {"batch_size": 1, "warmup": 3, "repeats": 10, "energy_idle_s": 1.0}
+    | {k: v for k, v in config.get("profiling", {}).items() if k != "enabled"}
+)
 # Digest of the library code each rule runs, computed on first use and kept.
 _CODE = {}
 
@@ -197,6 +203,67 @@ def all_scores(wildcards):
     ]
 
 
+def all_profiles(wildcards):
+    return [f"results/profile/{m}/{ft}/{v}.parquet" for (m, ft, v) in sorted(PROFILED)]
+
+
+def _profiled_tasks(wildcards):
+    key = (wildcards.model, wildcards.ft, wildcards.variant)
+    if key not in PROFILED:
+        raise ValueError(
+            f"nothing profiles {'/'.join(key)}: the study evaluates no such (model, finetune, variant)"
+        )
+    return PROFILED[key]
+
+
+def profile_inputs(wildcards):
+    """The model folder, and the split table and images of each task's profiled dataset."""
+    inputs = {
+        "model": f"results/models/{wildcards.model}/{wildcards.ft}/{wildcards.variant}"
+    }
+    for task, dataset in sorted(_profiled_tasks(wildcards).items()):
+        inputs[f"table_{task}"] = (
+            f"resources/data/{dataset}/{INFERENCE['split']}.parquet"
+        )
+        inputs[f"images_{task}"] = f"resources/data/{dataset}/images"
+    return inputs
+
+
+def profile_tasks(wildcards):
+    """{task: {dataset, generation}}: what the profile measures and with which generation settings."""
+    out = {}
+    for task, dataset in sorted(_profiled_tasks(wildcards).items()):
+        settings = task_generation(task)
+        out[task] = {
+            "dataset": dataset,
+            "generation": {
+                k: v
+                for k, v in settings.items()
+                if k
+                in (
+                    "max_new_tokens",
+                    "num_beams",
+                    "length_penalty",
+                    "repetition_penalty",
+                )
+            },
+        }
+    return out
+
+
+def profile_chain(wildcards):
+    """What determines a profile's rows beside the profiling settings: model, finetune, variant, datasets."""
+    return {
+        "model": config["models"][wildcards.model],
+        "finetune": config.get("finetune", {}).get(wildcards.ft, {}),
+        "variant": config["variants"][wildcards.variant],
+        "datasets": {
+            d: {k: v for k, v in config["datasets"][d].items() if k != "templates"}
+            for d in sorted(set(_profiled_tasks(wildcards).values()))
+        },
+    }
+
+
 def all_variant_models(wildcards):
     return sorted({f"results/models/{e.model}/{e.ft}/{e.variant}" for e in EVALUATIONS})
 
@@ -216,6 +283,8 @@ def task_settings(wildcards):
 
 def generation_settings(wildcards):
     """Inference settings of one task: the study's defaults with that task's generation overrides."""
-    return canonical(
-        GENERATION | INFERENCE.get("generation", {}).get(wildcards.task, {})
-    )
+    return task_generation(wildcards.task)
+
+
+def task_generation(task):
+    return canonical(GENERATION | INFERENCE.get("generation", {}).get(task, {}))

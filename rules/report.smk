@@ -2,8 +2,10 @@ rule tables:
     input:
         scores=all_scores,
         models=all_variant_models,
+        profiles=all_profiles,
     output:
         scores="results/tables/scores.parquet",
+        efficiency="results/tables/efficiency.parquet",
         summary="results/tables/summary.parquet",
     log:
         "logs/tables/tables.log",
@@ -29,6 +31,11 @@ rule plots:
             "results/plots/task_bars.png",
             caption="../workflow/report/task_bars.rst",
             category="Quality",
+        ),
+        report(
+            "results/plots/quality_vs_cost.png",
+            caption="../workflow/report/quality_vs_cost.rst",
+            category="Trade-offs",
         ),
     log:
         "logs/plots/plots.log",

@@ -31,6 +31,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "infer": ("predict_shard",),
     "gather_predictions": ("gather_predictions",),
     "score": ("score_predictions",),
+    "profile": ("profile_variant",),
     "tables": ("build_tables",),
     "plots": ("build_plots",),
 }

@@ -29,6 +29,7 @@ __all__ = [
     "load_variant",
     "predict_shard",
     "prepare_dataset",
+    "profile_variant",
     "score_predictions",
     "start_job",
 ]
@@ -397,6 +398,65 @@ def predict_shard(
     write_predictions(df, out, meta)
 
 
+def profile_variant(
+    model_dir: str | Path,
+    tasks: dict[str, dict[str, Any]],
+    out: str | Path,
+    *,
+    keys: dict[str, str],
+    settings: dict[str, Any],
+    chain: Any = None,
+    device: str | None = None,
+) -> pd.DataFrame:
+    """Efficiency rows of one variant on each of its tasks (:mod:`vlmopt.profiling.variant`), as Parquet.
+
+    ``tasks`` maps a task to ``table`` (its split table), ``root`` (the folder its image paths are
+    relative to), ``dataset`` (its name) and ``generation`` (max_new_tokens, num_beams ...).
+    ``keys`` are model, ft and variant; ``chain`` the settings hashed into ``config_hash`` with
+    ``settings``. Runs on ``device`` (the GPU where there is one; the CPU for dynamic int8 variants).
+    """
+    from vlmopt.device import place
+    from vlmopt.infer import generation_settings
+    from vlmopt.profiling.variant import profile_variant as measure
+    from vlmopt.tables import EFFICIENCY_SCHEMA, efficiency_rows
+
+    if not tasks:
+        raise ValueError(f"nothing to profile for {model_dir}: no tasks given")
+    loaded = load_variant(model_dir)
+    place(loaded.model, device, model_dir=model_dir)
+    manifest_path = Path(model_dir) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    tables = []
+    for task, spec in sorted(tasks.items()):
+        generation = spec.get("generation") or {}
+        extra = {k: generation[k] for k in GENERATION_EXTRAS if k in generation}
+        gen = generation_settings(
+            max_new_tokens=generation.get("max_new_tokens", 20), num_beams=generation.get("num_beams", 1), **extra
+        )
+        df = measure(
+            loaded,
+            pd.read_parquet(spec["table"]),
+            spec["root"],
+            task,
+            settings=settings,
+            generation=gen,
+            manifest=manifest,
+        )
+        task_keys = {**keys, "task": task, "dataset": spec["dataset"]}
+        tables.append(efficiency_rows(df, task_keys, {"chain": chain, "profiling": settings, "task": spec}))
+        shown = df.set_index("measure")["value"]
+        log.info(
+            "%s: latency %.2f ms per batch of %d, peak memory %.0f MiB, %.4f GFLOP per sample",
+            task,
+            shown["latency_ms_p50"],
+            int(df["batch_size"].iloc[0]),
+            shown["peak_mem_mb"],
+            shown["gflops_per_sample"],
+        )
+    write_parquet(pa.concat_tables(tables).cast(EFFICIENCY_SCHEMA), out)
+    return pa.concat_tables(tables).to_pandas()
+
+
 def gather_predictions(
     shards: Iterable[str | Path], table: str | Path, out: str | Path, *, log_path: str | Path | None = None
 ) -> None:
@@ -515,19 +575,31 @@ def _similarity_metrics(task: str, preds: pd.DataFrame, table: pd.DataFrame) -> 
 
 
 def build_tables(
-    score_files: Iterable[str | Path], model_dirs: Iterable[str | Path], out_dir: str | Path
+    score_files: Iterable[str | Path],
+    model_dirs: Iterable[str | Path],
+    out_dir: str | Path,
+    profile_files: Iterable[str | Path] = (),
 ) -> pd.DataFrame:
-    """Concatenate scores into ``scores.parquet`` and write ``summary.parquet`` (metrics as columns, sizes)."""
+    """Concatenate scores into ``scores.parquet`` and efficiency rows into ``efficiency.parquet``;
+    write ``summary.parquet`` (metrics, sizes and the main efficiency measures as columns)."""
+    from vlmopt.tables import EFFICIENCY_SCHEMA
+
     out_dir = Path(out_dir)
     scores = pd.concat([pd.read_parquet(p) for p in score_files], ignore_index=True)
     write_parquet(pa.Table.from_pandas(scores, preserve_index=False), out_dir / "scores.parquet")
+    frames = [pd.read_parquet(p) for p in profile_files]
+    efficiency = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EFFICIENCY_SCHEMA.names)
+    write_parquet(
+        pa.Table.from_pandas(efficiency, schema=EFFICIENCY_SCHEMA, preserve_index=False),
+        out_dir / "efficiency.parquet",
+    )
     sizes = []
     for folder in model_dirs:
         folder = Path(folder)
         manifest = json.loads((folder / "manifest.json").read_text())
         model, ft, variant = folder.parts[-3:]
         sizes.append({"model": model, "ft": ft, "variant": variant, **_size_columns(manifest)})
-    summary = summarise(scores, sizes)
+    summary = summarise(scores, sizes, efficiency)
     write_parquet(pa.Table.from_pandas(summary, preserve_index=False), out_dir / "summary.parquet")
     return summary
 
@@ -544,11 +616,15 @@ def _size_columns(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def build_plots(summary: str | Path, out_dir: str | Path) -> list[Path]:
     """The default study's figures (PNG) from ``summary.parquet``."""
-    from vlmopt.plots import quality_vs_size, task_bars
+    from vlmopt.plots import quality_vs_cost, quality_vs_size, task_bars
 
     df = pd.read_parquet(summary)
     out_dir = Path(out_dir)
-    return [quality_vs_size(df, out_dir / "quality_vs_size.png"), task_bars(df, out_dir / "task_bars.png")]
+    return [
+        quality_vs_size(df, out_dir / "quality_vs_size.png"),
+        task_bars(df, out_dir / "task_bars.png"),
+        quality_vs_cost(df, out_dir / "quality_vs_cost.png"),
+    ]
 
 
 def start_job(log_path: str | Path, threads: int = 1) -> None:

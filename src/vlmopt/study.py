@@ -142,6 +142,19 @@ def evaluations(config: dict[str, Any]) -> list[Evaluation]:
     return sorted(out)
 
 
+def profiled(config: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, str]]:
+    """What to profile: (model, ft, variant) -> {task: the first dataset, by name, it is evaluated on}.
+
+    One profiling job per variant measures each of its tasks; empty when ``profiling.enabled`` is false.
+    """
+    if not (config.get("profiling") or {}).get("enabled", True):
+        return {}
+    out: dict[tuple[str, str, str], dict[str, str]] = {}
+    for e in evaluations(config):
+        out.setdefault((e.model, e.ft, e.variant), {}).setdefault(e.task, e.dataset)
+    return out
+
+
 def check_study(config: dict[str, Any]) -> None:
     """Raise :class:`StudyError` naming the first key that refers to something undefined."""
     datasets = _names(config, "datasets")

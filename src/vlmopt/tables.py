@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import subprocess
 from collections.abc import Iterable
@@ -22,9 +23,12 @@ import pyarrow.parquet as pq
 import vlmopt
 
 __all__ = [
+    "EFFICIENCY_SCHEMA",
     "KEYS",
     "SCORES_SCHEMA",
+    "SUMMARY_MEASURES",
     "config_hash",
+    "efficiency_rows",
     "merge_shards",
     "provenance",
     "read_predictions",
@@ -54,6 +58,34 @@ SCORES_SCHEMA = pa.schema(
         ("transformers_version", pa.string()),
         ("created_at", pa.string()),
     ]
+)
+
+
+#: Provenance columns of score and efficiency rows (see :func:`provenance`).
+PROVENANCE = ("git_sha", "config_hash", "vlmopt_version", "torch_version", "transformers_version", "created_at")
+#: Efficiency: one row per (model, ft, variant, task, measure); ``dataset`` is the one profiled.
+EFFICIENCY_SCHEMA = pa.schema(
+    [(k, pa.string()) for k in KEYS]
+    + [
+        ("measure", pa.string()),
+        ("value", pa.float64()),
+        ("unit", pa.string()),
+        ("method", pa.string()),
+        ("note", pa.string()),
+        ("batch_size", pa.int64()),
+        ("device", pa.string()),
+        ("simulated", pa.bool_()),
+    ]
+    + [(c, pa.string()) for c in PROVENANCE]
+)
+#: Efficiency measures that the summary table carries as columns, beside the quality metrics.
+SUMMARY_MEASURES = (
+    "latency_ms_p50",
+    "latency_ms_per_sample_p50",
+    "throughput_samples_per_s",
+    "peak_mem_mb",
+    "energy_j_per_sample",
+    "gflops_per_sample",
 )
 
 
@@ -149,13 +181,47 @@ def score_rows(
     return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
 
 
-def summarise(scores: pd.DataFrame, manifests: Iterable[dict[str, Any]] = ()) -> pd.DataFrame:
-    """One row per (model, ft, variant, task, dataset) with metrics as columns, plus sizes from manifests."""
+def efficiency_rows(measures: pd.DataFrame, keys: dict[str, str], settings: Any) -> pa.Table:
+    """Long-format efficiency rows of one (model, ft, variant, task) with provenance.
+
+    ``measures`` has ``measure``, ``value``, ``unit``, ``method``, ``note``, ``batch_size``,
+    ``device`` and ``simulated`` (as :func:`vlmopt.profiling.variant.profile_variant` returns).
+    """
+    missing = [k for k in KEYS if k not in keys]
+    if missing:
+        raise ValueError(f"efficiency keys missing {missing}")
+    prov = provenance(settings)
+    rows = [
+        {**{k: keys[k] for k in KEYS}, **{c: row[c] for c in EFFICIENCY_SCHEMA.names if c in row}, **prov}
+        for row in measures.to_dict("records")
+    ]
+    for row in rows:
+        for column, value in row.items():
+            if isinstance(value, float) and math.isnan(value):
+                row[column] = None
+    return pa.Table.from_pylist(rows, schema=EFFICIENCY_SCHEMA)
+
+
+def summarise(
+    scores: pd.DataFrame, manifests: Iterable[dict[str, Any]] = (), efficiency: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """One row per (model, ft, variant, task, dataset) with metrics as columns, plus sizes from manifests.
+
+    With ``efficiency`` (long rows), the :data:`SUMMARY_MEASURES` of each (model, ft, variant, task)
+    join as columns: the cost of every evaluated configuration beside its quality.
+    """
     wide = scores.pivot_table(index=list(KEYS), columns="metric", values="value", aggfunc="first").reset_index()
     wide.columns.name = None
     sizes = pd.DataFrame(list(manifests))
     if not sizes.empty:
         wide = wide.merge(sizes, on=["model", "ft", "variant"], how="left")
+    if efficiency is not None and not efficiency.empty:
+        keys = ["model", "ft", "variant", "task"]
+        chosen = efficiency[efficiency["measure"].isin(SUMMARY_MEASURES)]
+        cost = chosen.pivot_table(index=keys, columns="measure", values="value", aggfunc="first", dropna=False)
+        cost = cost.reindex(columns=[m for m in SUMMARY_MEASURES if m in set(chosen["measure"])]).reset_index()
+        cost.columns.name = None
+        wide = wide.merge(cost, on=keys, how="left")
     return wide.sort_values(list(KEYS)).reset_index(drop=True)
 
 

@@ -9,7 +9,7 @@ import yaml
 from .conftest import REPO, run_snakemake
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = ("finetune", "compress", "infer", "label_dataset")
+GPU_RULES = ("finetune", "compress", "infer", "label_dataset", "profile")
 CPU_RULES = ("score", "tables", "plots", "prepare_dataset", "build_model")
 
 

@@ -47,7 +47,7 @@ UPSTREAM = (
     ]
 )
 SUBMITTED = ["prepare_dataset", "build_model", "finetune", "compress"] * FULL + ["infer", "infer", "score"]
-GPU_RULES = {"finetune", "compress", "infer", "label_dataset"}
+GPU_RULES = {"finetune", "compress", "infer", "label_dataset", "profile"}
 # Seconds before a run is killed (SIGKILL: a snakemake waiting on jobs ignores SIGTERM).
 RUN_LIMIT_S = 900
 

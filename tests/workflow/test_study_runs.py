@@ -66,9 +66,12 @@ def test_tables_and_plots_are_complete(finished_study):
     } <= set(summary.columns)
     assert set(summary.loc[summary["task"] == "retrieval", "model"]) == {"clip-tiny", "blip-itm-tiny"}
     assert summary["size_bytes"].gt(0).all()
+    # Profiling is off in this study: an empty efficiency table with its columns.
+    efficiency = pd.read_parquet(finished_study / "results/tables/efficiency.parquet")
+    assert efficiency.empty and "measure" in efficiency.columns
     assert scores["git_sha"].notna().all() and scores["config_hash"].str.len().eq(16).all()
     assert (scores["n_samples"] == 12).all()
-    for png in ("quality_vs_size.png", "task_bars.png"):
+    for png in ("quality_vs_size.png", "task_bars.png", "quality_vs_cost.png"):
         assert (finished_study / "results/plots" / png).stat().st_size > 10_000
 
 
@@ -148,6 +151,34 @@ def test_changing_a_dataset_setting_reruns_what_reads_it(finished_study, tmp_pat
         "all": 1,
     }
     assert set(re.findall(r"wildcards:.*dataset=([\w-]+)", result.stdout)) == {"shapes-colors"}
+
+
+def test_profiling_a_finished_study(finished_study, tmp_path):
+    """Turning profiling on plans the profiles and the tables, nothing else; a profile has every row."""
+    config = yaml.safe_load((finished_study / "study.yaml").read_text())
+    config["profiling"]["enabled"] = True
+    changed = tmp_path / "profiled.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = run_snakemake(finished_study, "--dry-run", configfile=changed)
+    assert result.returncode == 0, result.stderr
+    # One profile per (model, ft, variant), each timing every task of the variant.
+    assert _job_counts(result.stdout) == {"profile": 11, "tables": 1, "plots": 1, "all": 1}
+    target = "results/profile/blip-tiny/full/w8-language.parquet"
+    result = run_snakemake(finished_study, "--", target, configfile=changed)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = pd.read_parquet(finished_study / target)
+    assert set(rows["task"]) == {"captioning", "vqa"} and set(rows["dataset"]) == {"shapes"}
+    # w8-language is simulated 8-bit quantization: its timings are the dense model's, and say so.
+    assert set(rows["batch_size"]) == {2} and rows["simulated"].all()
+    notes = rows.set_index(["task", "measure"])["note"]
+    assert "latency and memory are the dense model's" in notes[("captioning", "latency_ms_p50")]
+    values = rows.set_index(["task", "measure"])["value"]
+    for task in ("captioning", "vqa"):
+        for measure in ("latency_ms_p50", "prefill_ms_p50", "peak_mem_mb", "gflops_per_token_per_sample", "size_bytes"):
+            assert values[(task, measure)] > 0, (task, measure)
+    log = (finished_study / "logs/profile/blip-tiny/full/w8-language.log").read_text()
+    assert "captioning: latency" in log and "vqa: latency" in log
+    (finished_study / target).unlink()  # the other tests expect the study as it was
 
 
 def _snakemake_cmd(workdir, *args):

@@ -1,0 +1,93 @@
+"""Quality against cost (latency, size, FLOPs, energy), with the Pareto front of each task marked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlmopt.plots.static import MAIN_METRIC, MARKERS, PALETTE, _save, _tasks, plt
+
+__all__ = ["COSTS", "pareto_front", "quality_vs_cost"]
+
+#: Cost columns of the summary table (lower is better), with their axis labels, in panel order.
+COSTS = {
+    "latency_ms_per_sample_p50": "latency per sample (ms, median)",
+    "nominal_size_bytes": "nominal size (MB, weights at their bit width)",
+    "gflops_per_sample": "GFLOP per sample",
+    "energy_j_per_sample": "energy per sample (J)",
+}
+_SCALE = {"nominal_size_bytes": 1e-6}
+
+
+def pareto_front(cost: Sequence[float], quality: Sequence[float]) -> np.ndarray:
+    """Mask of the points no other point beats: none costs at most as much with at least the quality,
+    better in one. Points with a missing value are never on the front; equal points are both on it."""
+    x = np.asarray(cost, dtype=float)
+    y = np.asarray(quality, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"cost and quality differ in length: {x.shape} vs {y.shape}")
+    ok = ~(np.isnan(x) | np.isnan(y))
+    front = np.zeros(len(x), dtype=bool)
+    idx = np.flatnonzero(ok)
+    for i in idx:
+        dominated = (x[idx] <= x[i]) & (y[idx] >= y[i]) & ((x[idx] < x[i]) | (y[idx] > y[i]))
+        front[i] = not dominated.any()
+    return front
+
+
+def quality_vs_cost(summary: pd.DataFrame, out: str | Path) -> Path:
+    """A grid of panels: one row per cost that the summary has values of, one column per task.
+
+    Each panel plots the task's headline metric against the cost, a colour per variant and a
+    marker per model (hollow when not finetuned); the Pareto front (cheapest for its quality) is
+    joined by a line. Simulated variants are drawn at their measured cost, which is the dense
+    model's for latency and energy (the efficiency table says which they are).
+    """
+    tasks = _tasks(summary)
+    if not tasks:
+        raise ValueError("summary has no task with a headline metric to plot")
+    costs = [c for c in COSTS if c in summary.columns and summary[c].notna().any()]
+    if not costs:
+        raise ValueError(f"summary has none of the cost columns {list(COSTS)} with values")
+    variants = sorted(summary["variant"].unique())
+    colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)}
+    models = sorted(summary["model"].unique())
+    marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
+    fig, axes = plt.subplots(len(costs), len(tasks), figsize=(4.8 * len(tasks), 3.8 * len(costs)), squeeze=False)
+    for row, cost in enumerate(costs):
+        for col, task in enumerate(tasks):
+            ax = axes[row][col]
+            metric, label = MAIN_METRIC[task]
+            rows = summary[summary["task"] == task]
+            x = rows[cost].astype(float) * _SCALE.get(cost, 1.0)
+            y = rows[metric].astype(float)
+            for (_, r), xi, yi in zip(rows.iterrows(), x, y, strict=True):
+                ax.scatter(
+                    xi,
+                    yi,
+                    color=colour[r["variant"]] if r["ft"] != "none" else "none",
+                    edgecolors=colour[r["variant"]],
+                    marker=marker[r["model"]],
+                    s=55,
+                    linewidths=1.5,
+                )
+            on = pareto_front(x, y)
+            if on.any():
+                order = np.argsort(x.to_numpy()[on])
+                ax.plot(x.to_numpy()[on][order], y.to_numpy()[on][order], color="gray", linewidth=1, zorder=0)
+            ax.set_xlabel(COSTS[cost])
+            ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(task)
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colour[v], marker="o", linestyle="", label=v) for v in variants]
+    handles += [plt.Line2D([], [], color="gray", marker=marker[m], linestyle="", label=m) for m in models]
+    handles += [
+        plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="", label="not finetuned"),
+        plt.Line2D([], [], color="gray", linewidth=1, label="Pareto front"),
+    ]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return _save(fig, out)

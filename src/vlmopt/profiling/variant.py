@@ -1,0 +1,314 @@
+"""The efficiency rows of one variant on one task: latency, throughput, memory, energy, FLOPs, size.
+
+:func:`profile_variant` measures a loaded variant on the first ``batch_size`` readable images of
+a dataset split, the way inference runs it (the task's prompts, the family's encode and generate),
+and returns long-format rows, one per measure: ``measure``, ``value`` (None where it cannot be
+measured), ``unit``, ``method`` and ``note`` (why a value is missing, or what it leaves out).
+
+Generative tasks (captioning, vqa, real_vs_generated) generate exactly ``max_new_tokens`` tokens
+(``min_new_tokens`` equal, greedy), so that a variant that stops early does not look faster:
+
+- ``latency_ms_p50`` / ``latency_ms_p95``: one batch, end to end (encode excluded: the batch is
+  encoded once, moved to the model's device, then generated from ``repeats`` times);
+- ``prefill_ms_p50``: the same with one new token (the image encoder and the prompt's forward);
+- ``decode_ms_per_token_p50``: (end to end - prefill) / (max_new_tokens - 1), medians;
+- ``vision_ms_p50``: the vision part's transformer layers alone (forward hooks on its first and
+  last layer, during the prefill), for families whose parts name a vision encoder.
+
+Similarity tasks (retrieval, classification) time the image side, the per-sample work of both:
+``adapter.embed_images`` on the batch (class or caption texts are embedded once per split).
+
+Per-sample values divide by the batch size. Memory is the peak over one timed call (process RSS
+on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU); energy covers the timed calls (NVML on
+a GPU, RAPL on a CPU where readable, else None and the reason); FLOPs count one call with
+``torch.utils.flop_counter``. Size rows come from the variant's ``manifest.json``. A simulated
+variant (fake-quantized weights in float tensors) keeps the dense model's latency and memory; its
+rows say so in ``note``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from vlmopt.data.images import open_image
+from vlmopt.device import model_device, to_model_device
+from vlmopt.models.base import LoadedModel
+from vlmopt.profiling.energy import EnergyMeter
+from vlmopt.profiling.flops import count_flops
+from vlmopt.profiling.latency import measure_latency
+from vlmopt.profiling.memory import PeakMemory
+from vlmopt.tasks import get_task
+
+__all__ = ["DEFAULTS", "profile_variant", "size_rows"]
+
+log = logging.getLogger(__name__)
+
+#: Profiling settings (the study's ``profiling:`` section overrides them).
+DEFAULTS: dict[str, Any] = {"batch_size": 1, "warmup": 3, "repeats": 10, "energy_idle_s": 1.0}
+
+
+def _row(measure: str, value: float | None, unit: str, method: str, note: str | None = None) -> dict[str, Any]:
+    return {
+        "measure": measure,
+        "value": None if value is None else float(value),
+        "unit": unit,
+        "method": method,
+        "note": note,
+    }
+
+
+def _batch(loaded: LoadedModel, table: pd.DataFrame, dataset_root: str | Path, task: str, batch_size: int):
+    """The first ``batch_size`` readable rows: (rows, images)."""
+    spec = get_task(task)
+    missing = [c for c in ("sample_id", "image", *spec.columns) if c not in table.columns]
+    if missing:
+        raise ValueError(f"the profiling table has no column(s) {missing} needed by task {task!r}")
+    rows, images = [], []
+    for i, rel in enumerate(table["image"]):
+        try:
+            images.append(open_image(dataset_root, rel))
+        except OSError as exc:
+            log.warning("profiling skips %s: %s", table["sample_id"].iloc[i], exc)
+            continue
+        rows.append(i)
+        if len(rows) == batch_size:
+            break
+    if len(rows) < batch_size:
+        raise ValueError(f"profiling needs {batch_size} readable images; the split has {len(rows)}")
+    return table.iloc[rows].reset_index(drop=True), images
+
+
+class _VisionTimer:
+    """Milliseconds between the first vision layer's input and the last one's output, per call."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        layers = loaded.parts().get("vision") or []
+        self.available = bool(layers)
+        self.times: list[float] = []
+        self._handles = []
+        if not layers:
+            return
+        first, last = layers[0][1], layers[-1][1]
+        self._cuda = model_device(loaded.model).type == "cuda"
+        self._t0: float | None = None
+        self._handles.append(first.register_forward_pre_hook(self._start))
+        self._handles.append(last.register_forward_hook(self._stop))
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _start(self, module, args) -> None:
+        if self._t0 is None:
+            self._t0 = self._now()
+
+    def _stop(self, module, args, output) -> None:
+        if self._t0 is not None:
+            self.times.append((self._now() - self._t0) * 1000.0)
+            self._t0 = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _timed_rows(
+    name: str, fn: Callable[[], Any], settings: dict[str, Any], device: torch.device, batch: int
+) -> tuple[list[dict[str, Any]], float]:
+    stats = measure_latency(fn, warmup=settings["warmup"], repeats=settings["repeats"], device=device)
+    rows = [
+        _row(f"{name}_p50", stats.median_ms, "ms", stats.method),
+        _row(f"{name}_p95", stats.p95_ms, "ms", stats.method),
+    ]
+    if name == "latency_ms":
+        per = f"{stats.method}; divided by batch size {batch}"
+        rows += [
+            _row("latency_ms_per_sample_p50", stats.median_ms / batch, "ms/sample", per),
+            _row("latency_ms_per_sample_p95", stats.p95_ms / batch, "ms/sample", per),
+            _row("latency_spread", (stats.max_ms - stats.min_ms) / stats.median_ms, "fraction", "(max - min) / median"),
+        ]
+    return rows, stats.median_ms
+
+
+@torch.inference_mode()
+def profile_variant(
+    loaded: LoadedModel,
+    table: pd.DataFrame,
+    dataset_root: str | Path,
+    task: str,
+    *,
+    settings: dict[str, Any] | None = None,
+    generation: dict[str, Any] | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Efficiency rows of ``loaded`` on ``task`` (see the module docstring), plus size rows from ``manifest``."""
+    settings = {**DEFAULTS, **(settings or {})}
+    batch = int(settings["batch_size"])
+    if batch < 1:
+        raise ValueError(f"profiling.batch_size must be at least 1, got {batch}")
+    if task not in loaded.adapter.tasks:
+        raise ValueError(f"family {loaded.family!r} cannot run task {task!r}; it runs {list(loaded.adapter.tasks)}")
+    spec = get_task(task)
+    rows_df, images = _batch(loaded, table, dataset_root, task, batch)
+    device = model_device(loaded.model)
+    loaded.model.eval()
+    simulated = bool(manifest and manifest.get("simulated"))
+    note = (
+        "simulated variant: weights are fake-quantized in float tensors, so latency and memory are the dense model's"
+        if simulated
+        else None
+    )
+    out: list[dict[str, Any]] = []
+    if spec.kind == "similarity":
+
+        def full() -> Any:
+            return loaded.adapter.embed_images(loaded, images)
+
+        what = "image embedding of one batch (adapter.embed_images)"
+        new_tokens = 0
+    else:
+        generation = {"max_new_tokens": 20, "num_beams": 1, **(generation or {})}
+        new_tokens = int(generation["max_new_tokens"])
+        if new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 to profile generation, got {new_tokens}")
+        encoded = loaded.adapter.encode(loaded, images, spec.prompts(rows_df, loaded.adapter))
+        encoded.inputs = to_model_device(encoded.inputs, loaded.model)
+        kwargs = {k: v for k, v in generation.items() if k not in ("max_new_tokens", "min_new_tokens")}
+        kwargs["do_sample"] = False
+
+        def generate(n: int) -> Callable[[], Any]:
+            return lambda: loaded.adapter.generate(loaded, encoded, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+        full = generate(new_tokens)
+        what = f"generate exactly {new_tokens} new tokens for one batch"
+
+    timed, full_ms = _timed_rows("latency_ms", full, settings, device, batch)
+    out += [{**r, "method": f"{what}; {r['method']}"} for r in timed]
+    out.append(_row("throughput_samples_per_s", batch / (full_ms / 1000.0), "samples/s", f"{batch} / median latency"))
+    if new_tokens:
+        out.append(
+            _row(
+                "throughput_tokens_per_s",
+                batch * new_tokens / (full_ms / 1000.0),
+                "tokens/s",
+                f"{batch} x {new_tokens} new tokens / median latency",
+            )
+        )
+        prefill = generate(1)
+        prefill_rows, prefill_ms = _timed_rows("prefill_ms", prefill, settings, device, batch)
+        out += [{**r, "method": f"generate 1 new token; {r['method']}"} for r in prefill_rows[:1]]
+        decode = (full_ms - prefill_ms) / (new_tokens - 1) if new_tokens > 1 else None
+        out.append(
+            _row(
+                "decode_ms_per_token_p50",
+                decode,
+                "ms/token",
+                "(median end to end - median prefill) / (max_new_tokens - 1)",
+                None if decode is not None else "max_new_tokens is 1: no decoding step after the prefill",
+            )
+        )
+        vision = _VisionTimer(loaded)
+        try:
+            if vision.available:
+                for _ in range(settings["repeats"]):
+                    prefill()
+        finally:
+            vision.remove()
+        if vision.times:
+            out.append(
+                _row(
+                    "vision_ms_p50",
+                    float(pd.Series(vision.times).median()),
+                    "ms",
+                    f"forward hooks on the first and last vision layer during {len(vision.times)} prefills, median",
+                )
+            )
+        else:
+            out.append(_row("vision_ms_p50", None, "ms", "forward hooks on the vision layers", "no vision layers"))
+
+    with PeakMemory(device) as memory:
+        full()
+    peak = memory.result
+    out.append(_row("peak_mem_mb", peak.peak_mb, peak.unit, f"one call; {peak.method}"))
+    out.append(_row("peak_mem_delta_mb", peak.peak_delta_mb, peak.unit, f"one call, above the start; {peak.method}"))
+
+    meter = EnergyMeter(device, idle_s=float(settings["energy_idle_s"]))
+    with meter:
+        for _ in range(settings["repeats"]):
+            full()
+    energy = meter.result
+    n = settings["repeats"] * batch
+    out.append(
+        _row(
+            "energy_j_per_sample",
+            None if energy.energy_j is None else energy.energy_j / n,
+            "J/sample",
+            f"{settings['repeats']} calls of {batch} samples; {energy.method}",
+            energy.reason,
+        )
+    )
+
+    flops = count_flops(full, model=loaded.model)
+    gflops = flops.total_flops / batch / 1e9
+    out.append(_row("gflops_per_sample", gflops, "GFLOP/sample", f"one call; {flops.method}", flops.note))
+    if new_tokens:
+        first = count_flops(generate(1), model=loaded.model)
+        out.append(
+            _row("gflops_prefill_per_sample", first.total_flops / batch / 1e9, "GFLOP/sample", first.method, first.note)
+        )
+        if new_tokens > 1:
+            per_token = (flops.total_flops - first.total_flops) / (new_tokens - 1) / batch / 1e9
+            out.append(
+                _row(
+                    "gflops_per_token_per_sample",
+                    per_token,
+                    "GFLOP/token/sample",
+                    "(FLOPs of max_new_tokens - FLOPs of 1) / (max_new_tokens - 1) / batch",
+                    flops.note,
+                )
+            )
+    if note:
+        for r in out:
+            if r["measure"].startswith(("latency", "prefill", "decode", "vision", "throughput", "peak_mem", "energy")):
+                r["note"] = "; ".join(x for x in (r["note"], note) if x)
+    out += size_rows(manifest)
+    df = pd.DataFrame(out)
+    df["batch_size"] = batch
+    df["device"] = str(device)
+    df["simulated"] = simulated
+    return df
+
+
+def size_rows(manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Parameters (total and per part), nominal and serialized size, and compression ratio from a manifest."""
+    if not manifest:
+        return []
+    rows = []
+    method = "manifest.json of the variant"
+    for part, counts in (manifest.get("parameters") or {}).items():
+        name = "params" if part == "model" else f"params_{part}"
+        rows.append(_row(name, counts.get("total"), "parameters", method))
+    rows.append(_row("nominal_bits_per_parameter", manifest.get("nominal_bits_per_parameter"), "bits", method))
+    rows.append(
+        _row("nominal_size_bytes", manifest.get("nominal_size_bytes"), "bytes", f"{method}: parameters x nominal bits")
+    )
+    rows.append(
+        _row("size_bytes", manifest.get("serialized_size_bytes"), "bytes", f"{method}: serialized state of the model")
+    )
+    rows.append(
+        _row(
+            "compression_ratio",
+            manifest.get("nominal_compression_ratio"),
+            "ratio",
+            f"{method}: dense size / nominal size",
+        )
+    )
+    return rows
