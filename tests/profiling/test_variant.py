@@ -163,3 +163,13 @@ def test_profile_stage_writes_the_efficiency_table_and_the_summary_joins_it(blip
     assert (
         summary.loc["vqa", "gflops_per_sample"] == _values(efficiency[efficiency["task"] == "vqa"])["gflops_per_sample"]
     )
+
+
+def test_blip2_with_trainable_parameters_is_profiled_and_left_trainable(shapes_texts, shapes_test, shapes_root):
+    """The FLOP counter's module tracker fails on parameters that require gradients; profiling freezes them."""
+    blip2 = load_model("tiny:blip2-opt", texts=shapes_texts, seed=0)
+    blip2.model.requires_grad_(True)
+    fast = {"warmup": 0, "repeats": 1, "energy_idle_s": 0.0}
+    v = _values(measure(blip2, shapes_test, shapes_root, "captioning", settings=fast, generation={"max_new_tokens": 3}))
+    assert v["gflops_per_token_per_sample"] > 0 and v["gflops_prefill_per_sample"] > 0
+    assert all(p.requires_grad for p in blip2.model.parameters())

@@ -138,7 +138,6 @@ def _timed_rows(
     return rows, stats.median_ms
 
 
-@torch.inference_mode()
 def profile_variant(
     loaded: LoadedModel,
     table: pd.DataFrame,
@@ -149,7 +148,30 @@ def profile_variant(
     generation: dict[str, Any] | None = None,
     manifest: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Efficiency rows of ``loaded`` on ``task`` (see the module docstring), plus size rows from ``manifest``."""
+    """Efficiency rows of ``loaded`` on ``task`` (see the module docstring), plus size rows from ``manifest``.
+
+    Parameters are frozen while it runs (the FLOP counter's module tracker fails on parameters that
+    require gradients inside inference mode) and restored afterwards.
+    """
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+    loaded.model.requires_grad_(False)
+    try:
+        with torch.inference_mode():
+            return _profile(loaded, table, dataset_root, task, settings, generation, manifest)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _profile(
+    loaded: LoadedModel,
+    table: pd.DataFrame,
+    dataset_root: str | Path,
+    task: str,
+    settings: dict[str, Any] | None,
+    generation: dict[str, Any] | None,
+    manifest: dict[str, Any] | None,
+) -> pd.DataFrame:
     settings = {**DEFAULTS, **(settings or {})}
     batch = int(settings["batch_size"])
     if batch < 1:
