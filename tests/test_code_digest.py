@@ -24,7 +24,16 @@ def test_stages_reach_their_modules_and_not_others():
     infer = stage_modules("infer")
     assert {"vlmopt.infer", "vlmopt.models.clip", "vlmopt.tasks"} <= set(infer)
     assert "vlmopt.metrics.vqa" not in infer
-    assert stage_modules("plots") == ["vlmopt", "vlmopt.plots", "vlmopt.plots.static", "vlmopt.tables"]
+    assert stage_modules("plots") == [
+        "vlmopt",
+        "vlmopt.plots",
+        "vlmopt.plots.static",
+        "vlmopt.plots.tradeoffs",
+        "vlmopt.tables",
+    ]
+    profile = stage_modules("profile")
+    assert {"vlmopt.profiling.variant", "vlmopt.profiling.flops", "vlmopt.device", "vlmopt.models.blip"} <= set(profile)
+    assert not any(m.startswith("vlmopt.metrics") for m in profile)
     with pytest.raises(ValueError, match="unknown stage 'scoring'"):
         stage_digest("scoring")
 

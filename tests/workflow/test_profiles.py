@@ -24,6 +24,10 @@ def _resources_by_rule(dry_run_output: str) -> dict[str, list[str]]:
 
 
 def test_slurm_profile_places_rules(workdir):
+    # The miniature study turns profiling off; on here, so that the profile rule is placed too.
+    study = yaml.safe_load((workdir / "study.yaml").read_text())
+    study["profiling"]["enabled"] = True
+    (workdir / "study.yaml").write_text(yaml.safe_dump(study))
     result = run_snakemake(
         workdir, "--dry-run", "--profile", str(REPO / "profiles" / "slurm"), configfile=workdir / "study.yaml"
     )

@@ -460,6 +460,8 @@ def _expected_jobs(config: dict) -> dict[str, int]:
         "infer": len(evals) * config.get("inference", {}).get("shards", 2),
         "gather_predictions": len(evals),
         "score": len(evals),
+        # One profile per (model, ft, variant), unless the study turns profiling off.
+        "profile": len(chains) if (config.get("profiling") or {}).get("enabled", True) else 0,
         "tables": 1,
         "plots": 1,
         "all": 1,
