@@ -22,9 +22,9 @@ config.update(_sorted_config)
 EVALUATIONS = evaluations(config)
 # (model, ft, variant) -> {task: dataset}: one profiling job per variant, each task on its first dataset.
 PROFILED = profiled(config)
+# The study's profiling settings; vlmopt.profiling.variant.DEFAULTS fills in the rest.
 PROFILING = canonical(
-    {"batch_size": 1, "warmup": 3, "repeats": 10, "energy_idle_s": 1.0}
-    | {k: v for k, v in config.get("profiling", {}).items() if k != "enabled"}
+    {k: v for k, v in config.get("profiling", {}).items() if k != "enabled"}
 )
 # Digest of the library code each rule runs, computed on first use and kept.
 _CODE = {}

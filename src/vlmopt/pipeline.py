@@ -453,8 +453,9 @@ def profile_variant(
             shown["peak_mem_mb"],
             shown["gflops_per_sample"],
         )
-    write_parquet(pa.concat_tables(tables).cast(EFFICIENCY_SCHEMA), out)
-    return pa.concat_tables(tables).to_pandas()
+    rows = pa.concat_tables(tables).cast(EFFICIENCY_SCHEMA)
+    write_parquet(rows, out)
+    return rows.to_pandas()
 
 
 def gather_predictions(
