@@ -334,6 +334,16 @@ def _parse_scatteritem(item: str) -> tuple[int, int]:
 GENERATION_EXTRAS = ("length_penalty", "min_new_tokens", "repetition_penalty")
 
 
+def _generate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """generate() keyword arguments from a task's generation settings (defaults: 20 tokens, greedy)."""
+    from vlmopt.infer import generation_settings
+
+    extra = {k: settings[k] for k in GENERATION_EXTRAS if k in settings}
+    return generation_settings(
+        max_new_tokens=settings.get("max_new_tokens", 20), num_beams=settings.get("num_beams", 1), **extra
+    )
+
+
 def predict_shard(
     model_dir: str | Path,
     table: str | Path,
@@ -357,11 +367,10 @@ def predict_shard(
     """
     from vlmopt import distributed
     from vlmopt.device import place
-    from vlmopt.infer import generation_settings, predict
+    from vlmopt.infer import predict
 
     shard_index, n_shards = _parse_scatteritem(shard)
-    extra = {k: settings[k] for k in GENERATION_EXTRAS if k in settings}
-    gen = generation_settings(max_new_tokens=settings["max_new_tokens"], num_beams=settings["num_beams"], **extra)
+    gen = _generate_kwargs(settings)
     if distributed.launched():
         # One of torchrun's processes: the ranks split the shard's rows and rank 0 writes ``out``.
         distributed.predict_shard(
@@ -416,7 +425,6 @@ def profile_variant(
     ``settings``. Runs on ``device`` (the GPU where there is one; the CPU for dynamic int8 variants).
     """
     from vlmopt.device import place
-    from vlmopt.infer import generation_settings
     from vlmopt.profiling.variant import profile_variant as measure
     from vlmopt.tables import EFFICIENCY_SCHEMA, efficiency_rows
 
@@ -428,11 +436,7 @@ def profile_variant(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     tables = []
     for task, spec in sorted(tasks.items()):
-        generation = spec.get("generation") or {}
-        extra = {k: generation[k] for k in GENERATION_EXTRAS if k in generation}
-        gen = generation_settings(
-            max_new_tokens=generation.get("max_new_tokens", 20), num_beams=generation.get("num_beams", 1), **extra
-        )
+        gen = _generate_kwargs(spec.get("generation") or {})
         df = measure(
             loaded,
             pd.read_parquet(spec["table"]),

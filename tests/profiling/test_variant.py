@@ -14,10 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
+from vlmopt.data.images import open_image
 from vlmopt.models import load_model
 from vlmopt.pipeline import compress_loaded, profile_variant
+from vlmopt.profiling import generation_flops
 from vlmopt.profiling.variant import profile_variant as measure
 from vlmopt.tables import EFFICIENCY_SCHEMA, summarise
+from vlmopt.tasks import get_task
 
 QUICK = {"warmup": 1, "repeats": 3, "energy_idle_s": 0.0}
 GENERATION = {"max_new_tokens": 4, "num_beams": 1}
@@ -68,6 +71,13 @@ def test_generation_rows(blip, shapes_test, shapes_root):
     assert v["gflops_per_sample"] == pytest.approx(
         v["gflops_prefill_per_sample"] + 3 * v["gflops_per_token_per_sample"]
     )
+    # Independently: the FLOP counter around model.generate on the same two encoded samples.
+    rows = shapes_test.head(2)
+    images = [open_image(shapes_root, rel) for rel in rows["image"]]
+    encoded = blip.adapter.encode(blip, images, get_task("captioning").prompts(rows, blip.adapter))
+    reference = generation_flops(blip.model, encoded.inputs, new_tokens=3)
+    assert v["gflops_prefill_per_sample"] == pytest.approx(reference.prefill_flops / 2 / 1e9, rel=1e-9)
+    assert v["gflops_per_token_per_sample"] == pytest.approx(reference.flops_per_token / 2 / 1e9, rel=1e-9)
     energy = df.set_index("measure").loc["energy_j_per_sample"]
     # No energy counter on this kind of machine: missing, with the reason; where there is one, a number.
     assert (pd.isna(energy["value"]) and "RAPL" in energy["note"]) or math.isfinite(energy["value"])

@@ -287,26 +287,15 @@ class EnergyMeter:
             finally:
                 backend.close()
                 self._backend = None
-        if total is None:
-            self._result = EnergyResult(
-                energy_j=None,
-                total_j=None,
-                idle_w=None,
-                seconds=seconds,
-                method=self._method,
-                device=str(self.device),
-                reason=self._reason,
-            )
-            return
-        idle = self._idle
-        energy = total - (idle * seconds if idle is not None else 0.0)
+        idle = self._idle if total is not None else None
         self._result = EnergyResult(
-            energy_j=energy,
+            energy_j=None if total is None else total - (idle * seconds if idle is not None else 0.0),
             total_j=total,
             idle_w=idle,
             seconds=seconds,
             method=self._method,
             device=str(self.device),
+            reason=self._reason if total is None else None,
         )
 
 
