@@ -27,3 +27,5 @@ rule all:
         "results/plots/quality_vs_size.png",
         "results/plots/task_bars.png",
         "results/plots/quality_vs_cost.png",
+        # The profiling sweep's figure, in studies that sweep.
+        ["results/plots/scaling.png"] if SWEPT else [],

@@ -4,7 +4,14 @@ import re
 from snakemake.utils import validate
 
 from vlmopt.code_digest import stage_digest
-from vlmopt.study import canonical, check_study, evaluations, expand_grids, profiled
+from vlmopt.study import (
+    canonical,
+    check_study,
+    evaluations,
+    expand_grids,
+    profiled,
+    swept,
+)
 
 # Defaults live in the code that uses each setting; the schema only checks.
 validate(config, "../workflow/schemas/config.schema.yaml", set_default=False)
@@ -22,9 +29,13 @@ config.update(_sorted_config)
 EVALUATIONS = evaluations(config)
 # (model, ft, variant) -> {task: dataset}: one profiling job per variant, each task on its first dataset.
 PROFILED = profiled(config)
-# The study's profiling settings; vlmopt.profiling.variant.DEFAULTS fills in the rest.
+# (model, ft, variant, point) -> {axis, value}: one job per sweep point (vlmopt.profiling.sweep).
+SWEPT = swept(config)
+# The study's profiling settings (what every profile measures with); DEFAULTS of
+# vlmopt.profiling.variant fill in the rest. The sweep's own keys reach only the sweep jobs.
+_SWEEP_KEYS = ("enabled", "sweep", "sweep_on", "compile_backend")
 PROFILING = canonical(
-    {k: v for k, v in config.get("profiling", {}).items() if k != "enabled"}
+    {k: v for k, v in config.get("profiling", {}).items() if k not in _SWEEP_KEYS}
 )
 # Digest of the library code each rule runs, computed on first use and kept.
 _CODE = {}
@@ -90,6 +101,7 @@ wildcard_constraints:
     ft=_alternatives(set(config.get("finetune", {})) | {"none"}),
     trained=_alternatives(set(config.get("finetune", {})) - {"none"}),
     variant="[a-z0-9_-]+",
+    point="[a-z0-9_-]+",
     task="captioning|vqa|retrieval|classification|real_vs_generated",
     split="train|val|test",
 
@@ -205,6 +217,31 @@ def all_scores(wildcards):
 
 def all_profiles(wildcards):
     return [f"results/profile/{m}/{ft}/{v}.parquet" for (m, ft, v) in sorted(PROFILED)]
+
+
+def all_sweeps(wildcards):
+    return [
+        f"results/sweep/{m}/{ft}/{v}/{point}.parquet"
+        for (m, ft, v, point) in sorted(SWEPT)
+    ]
+
+
+def sweep_point(wildcards):
+    """{axis, value} of a sweep job."""
+    key = (wildcards.model, wildcards.ft, wildcards.variant, wildcards.point)
+    if key not in SWEPT:
+        raise ValueError(
+            f"no sweep point {'/'.join(key)}: profiling.sweep and sweep_on define no such job"
+        )
+    return SWEPT[key]
+
+
+def sweep_settings(wildcards):
+    """The profiling settings of a sweep job: the profile's, and the compile backend for compile points."""
+    if sweep_point(wildcards)["axis"] != "compile":
+        return PROFILING
+    backend = config.get("profiling", {}).get("compile_backend", "inductor")
+    return canonical(PROFILING | {"compile_backend": backend})
 
 
 def _profiled_tasks(wildcards):

@@ -19,3 +19,27 @@ rule profile:
         chain=profile_chain,
     script:
         "../workflow/scripts/profile.py"
+
+
+# One point of the study's profiling sweep (vlmopt.profiling.sweep): the variant's profile with one
+# setting changed (image size, prompt length, batch size, dtype, attention, torch.compile).
+rule sweep:
+    input:
+        unpack(profile_inputs),
+    output:
+        "results/sweep/{model}/{ft}/{variant}/{point}.parquet",
+    log:
+        "logs/sweep/{model}/{ft}/{variant}/{point}.log",
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    # Every core of a local run, as the profile.
+    threads: workflow.cores
+    params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=code("sweep"),
+        tasks=profile_tasks,
+        settings=sweep_settings,
+        chain=profile_chain,
+        point=sweep_point,
+    script:
+        "../workflow/scripts/profile.py"

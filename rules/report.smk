@@ -3,6 +3,7 @@ rule tables:
         scores=all_scores,
         models=all_variant_models,
         profiles=all_profiles,
+        sweeps=all_sweeps,
     output:
         scores="results/tables/scores.parquet",
         efficiency="results/tables/efficiency.parquet",
@@ -46,3 +47,25 @@ rule plots:
         code=code("plots"),
     script:
         "../workflow/scripts/plots.py"
+
+
+# The profiling sweep's curves (numeric axes) and bars (dtype, attention, compile); only in studies
+# with a profiling.sweep.
+rule scaling:
+    input:
+        efficiency="results/tables/efficiency.parquet",
+    output:
+        report(
+            "results/plots/scaling.png",
+            caption="../workflow/report/scaling.rst",
+            category="Efficiency",
+        ),
+    log:
+        "logs/plots/scaling.log",
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=code("scaling"),
+    script:
+        "../workflow/scripts/scaling.py"

@@ -90,3 +90,48 @@ def test_canonical_sorts_keys_at_every_depth_and_keeps_list_order():
     out = canonical(value)
     assert list(out) == ["a", "b"] and list(out["a"]) == ["c", "d"] and list(out["b"][0]) == ["x", "y"]
     assert out["b"][1] == 3 and out == value
+
+
+def _swept_study(**profiling):
+    return {
+        "datasets": {"d": {"source": "synthetic"}},
+        "models": {"a": {"source": "x/a"}, "b": {"source": "x/b"}},
+        "finetune": {},
+        "variants": {"baseline": [], "w8": [{"method": "uniform", "bits": 8, "part": "language"}]},
+        "runs": [{"models": ["a", "b"], "finetune": ["none"], "variants": "all", "tasks": {"captioning": "d"}}],
+        "profiling": profiling,
+    }
+
+
+def test_sweep_points_of_the_variants_sweep_on_picks():
+    from vlmopt.study import check_study, swept
+
+    config = _swept_study(sweep={"batch_size": [1, 8], "compile": [True]}, sweep_on={"variants": ["w8"]})
+    check_study(config)
+    assert swept(config) == {
+        ("a", "none", "w8", "batch_size-1"): {"axis": "batch_size", "value": 1},
+        ("a", "none", "w8", "batch_size-8"): {"axis": "batch_size", "value": 8},
+        ("a", "none", "w8", "compile-true"): {"axis": "compile", "value": True},
+        ("b", "none", "w8", "batch_size-1"): {"axis": "batch_size", "value": 1},
+        ("b", "none", "w8", "batch_size-8"): {"axis": "batch_size", "value": 8},
+        ("b", "none", "w8", "compile-true"): {"axis": "compile", "value": True},
+    }
+    # Without sweep_on every profiled variant is swept; with profiling off, nothing is.
+    assert len(swept(_swept_study(sweep={"dtype": ["bfloat16"]}))) == 4
+    assert swept(_swept_study(enabled=False, sweep={"dtype": ["bfloat16"]})) == {}
+
+
+@pytest.mark.parametrize(
+    ("profiling", "match"),
+    [
+        ({"sweep": {"batch_size": [1]}, "sweep_on": {"models": ["c"]}}, r"sweep_on.models: \['c'\] not defined"),
+        ({"sweep": {"batch_size": [1]}, "sweep_on": {"finetune": ["full"]}}, r"sweep_on.finetune: \['full'\] not"),
+        ({"sweep": {"batch_size": [1]}, "sweep_on": {"models": ["a"], "variants": []}}, "selects no profiled"),
+        ({"sweep": {"attn_implementation": ["flash"]}}, r"attn_implementation: 'flash' is not one of"),
+    ],
+)
+def test_bad_sweeps_name_the_key(profiling, match):
+    from vlmopt.study import check_study
+
+    with pytest.raises(StudyError, match=match):
+        check_study(_swept_study(**profiling))

@@ -32,8 +32,10 @@ STAGES: dict[str, tuple[str, ...]] = {
     "gather_predictions": ("gather_predictions",),
     "score": ("score_predictions",),
     "profile": ("profile_variant",),
+    "sweep": ("profile_variant",),
     "tables": ("build_tables",),
     "plots": ("build_plots",),
+    "scaling": ("build_scaling_plot",),
 }
 
 _PACKAGE = "vlmopt"

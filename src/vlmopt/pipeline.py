@@ -416,6 +416,7 @@ def profile_variant(
     settings: dict[str, Any],
     chain: Any = None,
     device: str | None = None,
+    point: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Efficiency rows of one variant on each of its tasks (:mod:`vlmopt.profiling.variant`), as Parquet.
 
@@ -423,43 +424,90 @@ def profile_variant(
     relative to), ``dataset`` (its name) and ``generation`` (max_new_tokens, num_beams ...).
     ``keys`` are model, ft and variant; ``chain`` the settings hashed into ``config_hash`` with
     ``settings``. Runs on ``device`` (the GPU where there is one; the CPU for dynamic int8 variants).
+    ``point`` (``{axis, value}``) measures one sweep point instead (:mod:`vlmopt.profiling.sweep`):
+    the rows carry ``sweep_axis`` and ``sweep_value`` and no size rows.
     """
     from vlmopt.device import place
+    from vlmopt.profiling.sweep import SweepPoint, apply_point, compiled_graphs
+    from vlmopt.profiling.variant import DEFAULTS, not_measured
     from vlmopt.profiling.variant import profile_variant as measure
     from vlmopt.tables import EFFICIENCY_SCHEMA, efficiency_rows
 
     if not tasks:
         raise ValueError(f"nothing to profile for {model_dir}: no tasks given")
+    sweep = SweepPoint(point["axis"], point["value"]) if point is not None else None
     loaded = load_variant(model_dir)
-    place(loaded.model, device, model_dir=model_dir)
+    where = place(loaded.model, device, model_dir=model_dir)
     manifest_path = Path(model_dir) / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    settings = {**DEFAULTS, **settings}
+    applied = None
+    if sweep is not None:
+        applied = apply_point(loaded, sweep, model_dir=model_dir, compile_backend=settings["compile_backend"])
+        settings = {**settings, **applied.settings}
+        log.info("sweep point %s: %s", sweep.slug, applied.reason or applied.method)
     tables = []
     for task, spec in sorted(tasks.items()):
-        gen = _generate_kwargs(spec.get("generation") or {})
-        df = measure(
-            loaded,
-            pd.read_parquet(spec["table"]),
-            spec["root"],
-            task,
-            settings=settings,
-            generation=gen,
-            manifest=manifest,
-        )
+        if applied is not None and applied.reason:
+            simulated = bool(manifest and manifest.get("simulated"))
+            df = not_measured(applied.reason, batch_size=settings["batch_size"], device=str(where), simulated=simulated)
+        else:
+            graphs = compiled_graphs()
+            df = measure(
+                loaded,
+                pd.read_parquet(spec["table"]),
+                spec["root"],
+                task,
+                settings=settings,
+                generation=_generate_kwargs(spec.get("generation") or {}),
+                manifest=manifest,
+                sizes=sweep is None,
+                image_size=applied.image_size if applied else None,
+                prompt_length=applied.prompt_length if applied else None,
+            )
+            if applied is not None:
+                df = _sweep_rows(df, applied, sweep, compiled_graphs() - graphs)
+        if sweep is not None:
+            df["sweep_axis"], df["sweep_value"] = sweep.axis, sweep.text
         task_keys = {**keys, "task": task, "dataset": spec["dataset"]}
-        tables.append(efficiency_rows(df, task_keys, {"chain": chain, "profiling": settings, "task": spec}))
+        provenance = {"chain": chain, "profiling": settings, "task": spec, "point": point}
+        tables.append(efficiency_rows(df, task_keys, provenance))
         shown = df.set_index("measure")["value"]
         log.info(
-            "%s: latency %.2f ms per batch of %d, peak memory %.0f MiB, %.4f GFLOP per sample",
+            "%s: latency %s ms per batch of %d, peak memory %s MiB, %s GFLOP per sample",
             task,
-            shown["latency_ms_p50"],
+            _shown(shown["latency_ms_p50"], ".2f"),
             int(df["batch_size"].iloc[0]),
-            shown["peak_mem_mb"],
-            shown["gflops_per_sample"],
+            _shown(shown["peak_mem_mb"], ".0f"),
+            _shown(shown["gflops_per_sample"], ".4f"),
         )
     rows = pa.concat_tables(tables).cast(EFFICIENCY_SCHEMA)
     write_parquet(rows, out)
     return rows.to_pandas()
+
+
+def _shown(value: Any, fmt: str) -> str:
+    return "n/a" if value is None or pd.isna(value) else format(value, fmt)
+
+
+def _sweep_rows(df: pd.DataFrame, applied: Any, sweep: Any, graphs: int) -> pd.DataFrame:
+    """A sweep point's rows: what the point changed in ``method``, its caveat in ``note``, compiled graphs."""
+    df = df.copy()
+    if applied.method:
+        df["method"] = applied.method + "; " + df["method"].fillna("")
+    if applied.note:
+        df["note"] = [applied.note if pd.isna(n) else f"{n}; {applied.note}" for n in df["note"]]
+    if sweep.axis == "compile" and sweep.value:
+        extra = df.iloc[[0]].copy()
+        extra[["measure", "value", "unit", "method", "note"]] = [
+            "compiled_graphs",
+            float(graphs),
+            "graphs",
+            "graphs torch.compile built during this task's calls (torch._dynamo counters)",
+            None,
+        ]
+        df = pd.concat([df, extra], ignore_index=True)
+    return df
 
 
 def gather_predictions(
@@ -630,6 +678,13 @@ def build_plots(summary: str | Path, out_dir: str | Path) -> list[Path]:
         task_bars(df, out_dir / "task_bars.png"),
         quality_vs_cost(df, out_dir / "quality_vs_cost.png"),
     ]
+
+
+def build_scaling_plot(efficiency: str | Path, out: str | Path) -> Path:
+    """The profiling sweep's figure (:func:`vlmopt.plots.scaling.scaling_curves`) from ``efficiency.parquet``."""
+    from vlmopt.plots.scaling import scaling_curves
+
+    return scaling_curves(pd.read_parquet(efficiency), out)
 
 
 def start_job(log_path: str | Path, threads: int = 1) -> None:

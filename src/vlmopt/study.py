@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ATTENTION",
+    "AXES",
+    "NUMERIC_AXES",
+    "SweepPoint",
+    "sweep_points",
     "Evaluation",
     "StudyError",
     "canonical",
@@ -21,7 +27,73 @@ __all__ = [
     "evaluations",
     "expand_grids",
     "grid_slug",
+    "profiled",
+    "swept",
 ]
+
+
+# Profiling sweeps (vlmopt.profiling.sweep measures them): their axes and points, defined here so
+# that planning a study never imports torch.
+#: Sweep axes and what each one changes.
+AXES: dict[str, str] = {
+    "image_size": "longest image side handed to the processor (pixels, aspect kept)",
+    "prompt_length": "text tokens of each prompt (filler words before the task's prompt)",
+    "batch_size": "samples per timed call",
+    "dtype": "floating-point type of the weights and activations",
+    "attn_implementation": "attention kernels of the model's parts",
+    "compile": "torch.compile of each transformer layer",
+}
+#: The axes whose values are numbers (drawn as curves; the others as bars).
+NUMERIC_AXES = ("image_size", "prompt_length", "batch_size")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One value of one sweep axis."""
+
+    axis: str
+    value: Any
+
+    def __post_init__(self) -> None:
+        if self.axis not in AXES:
+            raise ValueError(f"unknown profiling sweep axis {self.axis!r}; known: {sorted(AXES)}")
+        allowed: tuple[Any, ...] | None = None
+        if self.axis in NUMERIC_AXES:
+            if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
+                raise ValueError(f"profiling.sweep.{self.axis}: {self.value!r} is not a positive integer")
+        elif self.axis == "dtype":
+            allowed = DTYPE_NAMES
+        elif self.axis == "attn_implementation":
+            allowed = ATTENTION
+        elif self.axis == "compile":
+            allowed = (False, True)
+        if allowed is not None and (self.value not in allowed or type(self.value) is not type(allowed[0])):
+            raise ValueError(f"profiling.sweep.{self.axis}: {self.value!r} is not one of {list(allowed)}")
+
+    @property
+    def slug(self) -> str:
+        """File-name form: ``batch_size-4``, ``dtype-bfloat16``, ``compile-true``."""
+        value = str(self.value).lower() if isinstance(self.value, bool) else str(self.value)
+        return f"{self.axis}-{value}"
+
+    @property
+    def text(self) -> str:
+        """The value as the efficiency table's ``sweep_value`` column holds it."""
+        return str(self.value).lower() if isinstance(self.value, bool) else str(self.value)
+
+
+def sweep_points(sweep: Mapping[str, Any] | None) -> list[SweepPoint]:
+    """The points of a ``profiling.sweep`` mapping (axis -> list of values), in axis then value order."""
+    points: list[SweepPoint] = []
+    for axis, values in (sweep or {}).items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"profiling.sweep.{axis}: expected a non-empty list of values, got {values!r}")
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"profiling.sweep.{axis}: {values} repeats a value")
+        points += [SweepPoint(axis, v) for v in values]
+    return points
 
 
 class StudyError(ValueError):
@@ -155,6 +227,41 @@ def profiled(config: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, str
     return out
 
 
+def swept(config: dict[str, Any]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """Sweep jobs: (model, ft, variant, point slug) -> ``{axis, value}``, one per point of ``profiling.sweep``
+    for each profiled variant that ``profiling.sweep_on`` selects (its models, finetune, variants; each
+    every one when left out). Empty without a sweep or when profiling is off."""
+    section = config.get("profiling") or {}
+    try:
+        points = sweep_points(section.get("sweep"))
+    except ValueError as exc:
+        raise StudyError(str(exc)) from None
+    if not points:
+        return {}
+    chosen = section.get("sweep_on") or {}
+    out: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for model, ft, variant in profiled(config):
+        picked = (("models", model), ("finetune", ft), ("variants", variant))
+        if all(chosen.get(key) in (None, "all") or name in chosen[key] for key, name in picked):
+            for p in points:
+                out[(model, ft, variant, p.slug)] = {"axis": p.axis, "value": p.value}
+    return out
+
+
+def _check_sweep(config: dict[str, Any], models: set[str], finetunes: set[str], variants: set[str]) -> None:
+    section = config.get("profiling") or {}
+    for key, known in (("models", models), ("finetune", finetunes), ("variants", variants)):
+        names = (section.get("sweep_on") or {}).get(key)
+        if names in (None, "all"):
+            continue
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise StudyError(f"profiling.sweep_on.{key}: {unknown} not defined; defined: {sorted(known)}")
+    points = swept(config)  # validates the axes and values too
+    if section.get("sweep") and section.get("enabled", True) and not points:
+        raise StudyError("profiling.sweep_on selects no profiled (model, finetune, variant): no run evaluates one")
+
+
 def check_study(config: dict[str, Any]) -> None:
     """Raise :class:`StudyError` naming the first key that refers to something undefined."""
     datasets = _names(config, "datasets")
@@ -193,6 +300,7 @@ def check_study(config: dict[str, Any]) -> None:
     if not evaluations(config):
         raise StudyError("runs: the study evaluates nothing")
     check_variant_steps(config)
+    _check_sweep(config, models, finetunes, variants)
 
 
 def _check_labeled_datasets(config: dict[str, Any], datasets: set[str], models: set[str], finetunes: set[str]) -> None:

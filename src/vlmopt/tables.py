@@ -63,7 +63,7 @@ SCORES_SCHEMA = pa.schema(
 
 #: Provenance columns of score and efficiency rows (see :func:`provenance`).
 PROVENANCE = ("git_sha", "config_hash", "vlmopt_version", "torch_version", "transformers_version", "created_at")
-#: Efficiency: one row per (model, ft, variant, task, measure); ``dataset`` is the one profiled.
+#: Efficiency: one row per (model, ft, variant, task, measure) and sweep point; ``dataset`` is the one profiled.
 EFFICIENCY_SCHEMA = pa.schema(
     [(k, pa.string()) for k in KEYS]
     + [
@@ -75,6 +75,9 @@ EFFICIENCY_SCHEMA = pa.schema(
         ("batch_size", pa.int64()),
         ("device", pa.string()),
         ("simulated", pa.bool_()),
+        # A sweep point's rows (vlmopt.profiling.sweep): the axis and its value; null on a variant's own profile.
+        ("sweep_axis", pa.string()),
+        ("sweep_value", pa.string()),
     ]
     + [(c, pa.string()) for c in PROVENANCE]
 )
@@ -208,13 +211,16 @@ def summarise(
     """One row per (model, ft, variant, task, dataset) with metrics as columns, plus sizes from manifests.
 
     With ``efficiency`` (long rows), the :data:`SUMMARY_MEASURES` of each (model, ft, variant, task)
-    join as columns: the cost of every evaluated configuration beside its quality.
+    join as columns: the cost of every evaluated configuration beside its quality (its own profile;
+    sweep points stay in the efficiency table).
     """
     wide = scores.pivot_table(index=list(KEYS), columns="metric", values="value", aggfunc="first").reset_index()
     wide.columns.name = None
     sizes = pd.DataFrame(list(manifests))
     if not sizes.empty:
         wide = wide.merge(sizes, on=["model", "ft", "variant"], how="left")
+    if efficiency is not None and "sweep_axis" in efficiency.columns:
+        efficiency = efficiency[efficiency["sweep_axis"].isna()]
     if efficiency is not None and not efficiency.empty:
         keys = ["model", "ft", "variant", "task"]
         chosen = efficiency[efficiency["measure"].isin(SUMMARY_MEASURES)]

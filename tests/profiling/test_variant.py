@@ -41,6 +41,11 @@ GENERATIVE_MEASURES = {
     "gflops_per_sample",
     "gflops_prefill_per_sample",
     "gflops_per_token_per_sample",
+    "first_call_ms",
+    "input_image_px_per_sample",
+    "prompt_tokens_per_sample",
+    "input_tokens_per_sample",
+    "pixel_values_per_sample",
 }
 
 
@@ -66,6 +71,11 @@ def test_generation_rows(blip, shapes_test, shapes_root):
         assert v[name] is not None and v[name] > 0, name
     assert v["latency_ms_p95"] >= v["latency_ms_p50"]
     assert v["latency_ms_per_sample_p50"] == pytest.approx(v["latency_ms_p50"] / 2)
+    assert v["first_call_ms"] > 0
+    # The inputs as the model got them: 64 x 64 shapes images, BLIP's 3 x 64 x 64 pixel values, an
+    # empty captioning prompt ([BOS] and the trailing [SEP] only).
+    assert v["input_image_px_per_sample"] == 64 * 64 and v["pixel_values_per_sample"] == 3 * 64 * 64
+    assert v["prompt_tokens_per_sample"] == 0 and v["input_tokens_per_sample"] == 2
     assert v["throughput_tokens_per_s"] == pytest.approx(v["throughput_samples_per_s"] * 4)
     # The batch generates exactly max_new_tokens: total = prefill + 3 decoding steps, per sample.
     assert v["gflops_per_sample"] == pytest.approx(
@@ -113,7 +123,7 @@ def test_similarity_rows(shapes_texts, shapes_test, shapes_root):
     clip = load_model("tiny:clip", texts=shapes_texts, seed=0)
     df = measure(clip, shapes_test, shapes_root, "classification", settings={**QUICK, "batch_size": 4})
     v = _values(df)
-    assert "prefill_ms_p50" not in v and "throughput_tokens_per_s" not in v
+    assert "prefill_ms_p50" not in v and "throughput_tokens_per_s" not in v and "prompt_tokens_per_sample" not in v
     assert v["gflops_per_sample"] > 0 and v["latency_ms_p50"] > 0
     assert "adapter.embed_images" in df.set_index("measure").loc["latency_ms_p50", "method"]
 

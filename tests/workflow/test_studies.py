@@ -451,6 +451,18 @@ def _expected_jobs(config: dict) -> dict[str, int]:
             if captioner.get("finetune", "none") != "none":
                 trained.add((captioner["model"], captioner["finetune"]))
                 datasets.add(config["finetune"][captioner["finetune"]]["dataset"])
+    profiling = config.get("profiling") or {}
+    picks = profiling.get("sweep_on") or {}
+    swept = [
+        c
+        for c in chains
+        if all(
+            picks.get(key) is None or name in picks[key]
+            for key, name in zip(("models", "finetune", "variants"), c, strict=True)
+        )
+    ]
+    points = sum(len(values) for values in (profiling.get("sweep") or {}).values())
+    sweeps = len(swept) * points if profiling.get("enabled", True) else 0
     jobs = {
         "prepare_dataset": len(datasets - labeled),
         "label_dataset": len(labeled),
@@ -461,9 +473,12 @@ def _expected_jobs(config: dict) -> dict[str, int]:
         "gather_predictions": len(evals),
         "score": len(evals),
         # One profile per (model, ft, variant), unless the study turns profiling off.
-        "profile": len(chains) if (config.get("profiling") or {}).get("enabled", True) else 0,
+        "profile": len(chains) if profiling.get("enabled", True) else 0,
+        # One job per sweep value for each profiled variant that sweep_on picks, and their figure.
+        "sweep": sweeps,
         "tables": 1,
         "plots": 1,
+        "scaling": 1 if sweeps else 0,
         "all": 1,
     }
     return {rule: n for rule, n in jobs.items() if n}

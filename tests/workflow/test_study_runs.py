@@ -181,6 +181,37 @@ def test_profiling_a_finished_study(finished_study, tmp_path):
     (finished_study / target).unlink()  # the other tests expect the study as it was
 
 
+def test_sweeping_a_finished_study(finished_study, tmp_path):
+    """A profiling sweep plans one job per value for the variants sweep_on picks, and the figure."""
+    config = yaml.safe_load((finished_study / "study.yaml").read_text())
+    config["profiling"].update(
+        enabled=True,
+        sweep={"batch_size": [1, 3], "attn_implementation": ["sdpa"]},
+        sweep_on={"models": ["blip2-tiny"], "finetune": ["none"]},
+    )
+    changed = tmp_path / "swept.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    result = run_snakemake(finished_study, "--dry-run", configfile=changed)
+    assert result.returncode == 0, result.stderr
+    counts = _job_counts(result.stdout)
+    # blip2-tiny/none has one variant (baseline): three points; the profiles of all 11 variants too.
+    assert counts == {"profile": 11, "sweep": 3, "tables": 1, "plots": 1, "scaling": 1, "all": 1}
+    target = "results/sweep/blip2-tiny/none/baseline/batch_size-3.parquet"
+    result = run_snakemake(finished_study, "--", target, configfile=changed)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = pd.read_parquet(finished_study / target)
+    assert set(rows["sweep_axis"]) == {"batch_size"} and set(rows["sweep_value"]) == {"3"}
+    assert set(rows["batch_size"]) == {3} and set(rows["task"]) == {"captioning", "vqa"}
+    values = rows.set_index(["task", "measure"])["value"]
+    assert values[("captioning", "latency_ms_p50")] > 0 and values[("vqa", "gflops_per_sample")] > 0
+    # The sweep's settings reach the sweep jobs only: the profiles' params do not change with them.
+    config["profiling"]["sweep"]["batch_size"] = [1, 2, 3]
+    changed.write_text(yaml.safe_dump(config))
+    result = run_snakemake(finished_study, "--dry-run", configfile=changed)
+    assert _job_counts(result.stdout) == {"profile": 11, "sweep": 3, "tables": 1, "plots": 1, "scaling": 1, "all": 1}
+    (finished_study / target).unlink()  # the other tests expect the study as it was
+
+
 def _snakemake_cmd(workdir, *args):
     from .conftest import REPO, SNAKEMAKE
 

@@ -19,4 +19,5 @@ profile_variant(
     keys={"model": w.model, "ft": w.ft, "variant": w.variant},
     settings=dict(snakemake.params.settings),
     chain=snakemake.params.chain,
+    point=dict(snakemake.params.point) if hasattr(snakemake.params, "point") else None,
 )

@@ -7,5 +7,5 @@ build_tables(
     snakemake.input.scores,
     snakemake.input.models,
     Path(snakemake.output.summary).parent,
-    profile_files=snakemake.input.profiles,
+    profile_files=[*snakemake.input.profiles, *snakemake.input.sweeps],
 )

@@ -15,6 +15,12 @@ Generative tasks (captioning, vqa, real_vs_generated) generate exactly ``max_new
 - ``vision_ms_p50``: the vision part's transformer layers alone (forward hooks on its first and
   last layer, during the prefill), for families whose parts name a vision encoder.
 
+``first_call_ms`` is the call before the warm-up (compilation and first-touch costs), and the
+inputs are described by ``input_image_px_per_sample`` (the images as handed to the processor),
+``prompt_tokens_per_sample`` (text tokens of the prompt), ``input_tokens_per_sample`` (the encoded
+``input_ids`` width, image placeholders included) and ``pixel_values_per_sample`` (elements of the
+encoded image tensors), so that a sweep over image size or prompt length shows what the model got.
+
 Similarity tasks (retrieval, classification) time the image side, the per-sample work of both:
 ``adapter.embed_images`` on the batch (class or caption texts are embedded once per split).
 
@@ -40,18 +46,35 @@ import torch
 from vlmopt.data.images import open_image
 from vlmopt.device import model_device, to_model_device
 from vlmopt.models.base import LoadedModel
+from vlmopt.models.encoding import text_ids
 from vlmopt.profiling.energy import EnergyMeter
 from vlmopt.profiling.flops import count_flops
 from vlmopt.profiling.latency import measure_latency
 from vlmopt.profiling.memory import PeakMemory
+from vlmopt.profiling.sweep import lengthen_prompts, resize_longest
 from vlmopt.tasks import get_task
 
-__all__ = ["DEFAULTS", "profile_variant", "size_rows"]
+__all__ = ["DEFAULTS", "HEADLINE", "not_measured", "profile_variant", "size_rows"]
 
 log = logging.getLogger(__name__)
 
 #: Profiling settings (the study's ``profiling:`` section overrides them).
-DEFAULTS: dict[str, Any] = {"batch_size": 1, "warmup": 3, "repeats": 10, "energy_idle_s": 1.0}
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 1,
+    "warmup": 3,
+    "repeats": 10,
+    "energy_idle_s": 1.0,
+    "compile_backend": "inductor",
+}
+#: The measures a configuration that cannot be measured still has a row of (value None, note why).
+HEADLINE = {
+    "latency_ms_p50": "ms",
+    "latency_ms_per_sample_p50": "ms/sample",
+    "throughput_samples_per_s": "samples/s",
+    "peak_mem_mb": "MiB",
+    "energy_j_per_sample": "J/sample",
+    "gflops_per_sample": "GFLOP/sample",
+}
 
 
 def _row(measure: str, value: float | None, unit: str, method: str, note: str | None = None) -> dict[str, Any]:
@@ -138,6 +161,15 @@ def _timed_rows(
     return rows, stats.median_ms
 
 
+def not_measured(reason: str, *, batch_size: int, device: str, simulated: bool = False) -> pd.DataFrame:
+    """The :data:`HEADLINE` rows of a configuration that cannot be measured: values None, ``reason`` in note."""
+    df = pd.DataFrame([_row(m, None, unit, "not measured", reason) for m, unit in HEADLINE.items()])
+    df["batch_size"] = batch_size
+    df["device"] = device
+    df["simulated"] = simulated
+    return df
+
+
 def profile_variant(
     loaded: LoadedModel,
     table: pd.DataFrame,
@@ -147,17 +179,25 @@ def profile_variant(
     settings: dict[str, Any] | None = None,
     generation: dict[str, Any] | None = None,
     manifest: dict[str, Any] | None = None,
+    image_size: int | None = None,
+    prompt_length: int | None = None,
+    sizes: bool = True,
 ) -> pd.DataFrame:
-    """Efficiency rows of ``loaded`` on ``task`` (see the module docstring), plus size rows from ``manifest``.
+    """Efficiency rows of ``loaded`` on ``task`` (see the module docstring), plus size rows from ``manifest``
+    unless ``sizes`` is false.
 
-    Parameters are frozen while it runs (the FLOP counter's module tracker fails on parameters that
-    require gradients inside inference mode) and restored afterwards.
+    ``image_size`` resizes the images to that longest side before encoding; ``prompt_length``
+    lengthens each prompt to that many text tokens (:mod:`vlmopt.profiling.sweep`). Parameters are
+    frozen while it runs (the FLOP counter's module tracker fails on parameters that require
+    gradients inside inference mode) and restored afterwards.
     """
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     loaded.model.requires_grad_(False)
     try:
         with torch.inference_mode():
-            return _profile(loaded, table, dataset_root, task, settings, generation, manifest)
+            return _profile(
+                loaded, table, dataset_root, task, settings, generation, manifest, image_size, prompt_length, sizes
+            )
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -171,6 +211,9 @@ def _profile(
     settings: dict[str, Any] | None,
     generation: dict[str, Any] | None,
     manifest: dict[str, Any] | None,
+    image_size: int | None = None,
+    prompt_length: int | None = None,
+    sizes: bool = True,
 ) -> pd.DataFrame:
     settings = {**DEFAULTS, **(settings or {})}
     batch = int(settings["batch_size"])
@@ -179,16 +222,28 @@ def _profile(
     if task not in loaded.adapter.tasks:
         raise ValueError(f"family {loaded.family!r} cannot run task {task!r}; it runs {list(loaded.adapter.tasks)}")
     spec = get_task(task)
-    rows_df, images = _batch(loaded, table, dataset_root, task, batch)
     device = model_device(loaded.model)
-    loaded.model.eval()
     simulated = bool(manifest and manifest.get("simulated"))
+    if prompt_length is not None and spec.kind == "similarity":
+        reason = f"prompt_length does not apply: task {task} embeds images only in the timed call"
+        return not_measured(reason, batch_size=batch, device=str(device), simulated=simulated)
+    rows_df, images = _batch(loaded, table, dataset_root, task, batch)
+    if image_size is not None:
+        images = resize_longest(images, image_size)
+    loaded.model.eval()
     note = (
         "simulated variant: weights are fake-quantized in float tensors, so latency and memory are the dense model's"
         if simulated
         else None
     )
-    out: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = [
+        _row(
+            "input_image_px_per_sample",
+            sum(im.size[0] * im.size[1] for im in images) / batch,
+            "pixels/sample",
+            "width x height of the images handed to the processor, mean",
+        )
+    ]
     if spec.kind == "similarity":
 
         def full() -> Any:
@@ -201,8 +256,29 @@ def _profile(
         new_tokens = int(generation["max_new_tokens"])
         if new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1 to profile generation, got {new_tokens}")
-        encoded = loaded.adapter.encode(loaded, images, spec.prompts(rows_df, loaded.adapter))
+        prompts = spec.prompts(rows_df, loaded.adapter)
+        if prompt_length is not None:
+            prompts, counts = lengthen_prompts(loaded.tokenizer, prompts, prompt_length)
+        else:
+            counts = [len(text_ids(loaded.tokenizer, p)) for p in prompts]
+        encoded = loaded.adapter.encode(loaded, images, prompts)
         encoded.inputs = to_model_device(encoded.inputs, loaded.model)
+        pixels = sum(t.numel() for t in encoded.inputs.values() if torch.is_floating_point(t))
+        out += [
+            _row("prompt_tokens_per_sample", sum(counts) / batch, "tokens/sample", "text tokens of the prompt, mean"),
+            _row(
+                "input_tokens_per_sample",
+                encoded.inputs["input_ids"].shape[1],
+                "tokens/sample",
+                "width of the encoded input_ids (image placeholder tokens and padding included)",
+            ),
+            _row(
+                "pixel_values_per_sample",
+                pixels / batch,
+                "values/sample",
+                "elements of the encoded image tensors (what the processor made of the images)",
+            ),
+        ]
         kwargs = {k: v for k, v in generation.items() if k not in ("max_new_tokens", "min_new_tokens")}
         kwargs["do_sample"] = False
 
@@ -212,6 +288,10 @@ def _profile(
         full = generate(new_tokens)
         what = f"generate exactly {new_tokens} new tokens for one batch"
 
+    first = measure_latency(full, warmup=0, repeats=1, device=device)
+    out.append(
+        _row("first_call_ms", first.median_ms, "ms", f"{what}, the first call (compilation, caches); {first.method}")
+    )
     timed, full_ms = _timed_rows("latency_ms", full, settings, device, batch)
     out += [{**r, "method": f"{what}; {r['method']}"} for r in timed]
     out.append(_row("throughput_samples_per_s", batch / (full_ms / 1000.0), "samples/s", f"{batch} / median latency"))
@@ -299,9 +379,12 @@ def _profile(
             )
     if note:
         for r in out:
-            if r["measure"].startswith(("latency", "prefill", "decode", "vision", "throughput", "peak_mem", "energy")):
+            if r["measure"].startswith(
+                ("latency", "first_call", "prefill", "decode", "vision", "throughput", "peak_mem", "energy")
+            ):
                 r["note"] = "; ".join(x for x in (r["note"], note) if x)
-    out += size_rows(manifest)
+    if sizes:
+        out += size_rows(manifest)
     df = pd.DataFrame(out)
     df["batch_size"] = batch
     df["device"] = str(device)
