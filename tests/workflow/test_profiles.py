@@ -9,8 +9,8 @@ import yaml
 from .conftest import REPO, run_snakemake
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-GPU_RULES = ("finetune", "compress", "infer", "label_dataset", "profile")
-CPU_RULES = ("score", "tables", "plots", "prepare_dataset", "build_model")
+GPU_RULES = ("finetune", "compress", "infer", "label_dataset", "profile", "sweep")
+CPU_RULES = ("score", "tables", "plots", "scaling", "prepare_dataset", "build_model")
 
 
 def _resources_by_rule(dry_run_output: str) -> dict[str, list[str]]:
@@ -24,9 +24,10 @@ def _resources_by_rule(dry_run_output: str) -> dict[str, list[str]]:
 
 
 def test_slurm_profile_places_rules(workdir):
-    # The miniature study turns profiling off; on here, so that the profile rule is placed too.
+    # The miniature study turns profiling off; on here, with a sweep, so that the profile, sweep and
+    # scaling rules are placed too.
     study = yaml.safe_load((workdir / "study.yaml").read_text())
-    study["profiling"]["enabled"] = True
+    study["profiling"].update(enabled=True, sweep={"batch_size": [1, 2]}, sweep_on={"variants": ["baseline"]})
     (workdir / "study.yaml").write_text(yaml.safe_dump(study))
     result = run_snakemake(
         workdir, "--dry-run", "--profile", str(REPO / "profiles" / "slurm"), configfile=workdir / "study.yaml"

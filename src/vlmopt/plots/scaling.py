@@ -100,12 +100,15 @@ def scaling_curves(efficiency: pd.DataFrame, out: str | Path) -> Path:
                 ax.set_xticks(values, order)
             else:
                 ax.set_xticks(np.arange(len(order)), order)
+            # From zero: run-to-run noise of a few percent must not look like a trend.
+            ax.set_ylim(bottom=0)
             ax.set_ylabel(SCALING_MEASURES[measure])
             if r == len(measures) - 1:
                 ax.set_xlabel(_AXIS_LABEL[axis])
             if r == 0:
                 ax.set_title(axis)
             ax.grid(alpha=0.3)
+    fig.tight_layout()
     handles = [plt.Line2D([], [], color=colour[s], marker="o", label="/".join(s)) for s in series]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
     return _save(fig, out)

@@ -6,7 +6,8 @@ profile, so that a curve over one axis holds the others fixed:
 
 - ``image_size``: the longest side, in pixels, of the images handed to the processor (resized
   with the aspect kept, as the profiling study's thumbnails). Families that resize every image to
-  a fixed input (BLIP, BLIP-2, CLIP, LLaVA) see the same tensor whatever the value; the rows'
+  a fixed input (BLIP, BLIP-2, CLIP, LLaVA, GIT; Pix2Struct's fixed patch count) see the same
+  tensor whatever the value, Qwen2.5-VL and Fuyu more patches and image tokens; the rows'
   ``pixel_values_per_sample`` shows what the model received.
 - ``prompt_length``: text tokens of each prompt, reached with filler words before the task's
   prompt (``prompt_tokens_per_sample`` is the count reached; a prompt already longer is kept).

@@ -263,14 +263,18 @@ def _profile(
             counts = [len(text_ids(loaded.tokenizer, p)) for p in prompts]
         encoded = loaded.adapter.encode(loaded, images, prompts)
         encoded.inputs = to_model_device(encoded.inputs, loaded.model)
-        pixels = sum(t.numel() for t in encoded.inputs.values() if torch.is_floating_point(t))
+        tensors = [t for t in encoded.inputs.values() if isinstance(t, torch.Tensor)]
+        pixels = sum(t.numel() for t in tensors if torch.is_floating_point(t))
+        # Encoder-decoder families that draw the prompt into the image (Pix2Struct) have decoder ids only.
+        ids = next((k for k in ("input_ids", "decoder_input_ids") if k in encoded.inputs), None)
         out += [
             _row("prompt_tokens_per_sample", sum(counts) / batch, "tokens/sample", "text tokens of the prompt, mean"),
             _row(
                 "input_tokens_per_sample",
-                encoded.inputs["input_ids"].shape[1],
+                encoded.inputs[ids].shape[1] if ids else None,
                 "tokens/sample",
-                "width of the encoded input_ids (image placeholder tokens and padding included)",
+                f"width of the encoded {ids or 'input ids'} (image placeholder tokens and padding included)",
+                None if ids else "the family's encoded inputs have no token ids",
             ),
             _row(
                 "pixel_values_per_sample",
