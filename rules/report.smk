@@ -8,6 +8,7 @@ rule tables:
         scores="results/tables/scores.parquet",
         efficiency="results/tables/efficiency.parquet",
         summary="results/tables/summary.parquet",
+        variants="results/tables/variants.parquet",
     log:
         "logs/tables/tables.log",
     conda:

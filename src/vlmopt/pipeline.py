@@ -634,8 +634,10 @@ def build_tables(
     profile_files: Iterable[str | Path] = (),
 ) -> pd.DataFrame:
     """Concatenate scores into ``scores.parquet`` and efficiency rows into ``efficiency.parquet``;
-    write ``summary.parquet`` (metrics, sizes and the main efficiency measures as columns)."""
-    from vlmopt.tables import EFFICIENCY_SCHEMA
+    write ``variants.parquet`` (each variant's compression steps and their settings, from the
+    manifests) and ``summary.parquet`` (metrics, method, sizes and the main efficiency measures as
+    columns)."""
+    from vlmopt.tables import EFFICIENCY_SCHEMA, STEPS_SCHEMA, variant_steps
 
     out_dir = Path(out_dir)
     scores = pd.concat([pd.read_parquet(p) for p in score_files], ignore_index=True)
@@ -646,19 +648,24 @@ def build_tables(
         pa.Table.from_pandas(efficiency, schema=EFFICIENCY_SCHEMA, preserve_index=False),
         out_dir / "efficiency.parquet",
     )
-    sizes = []
+    sizes, steps = [], []
     for folder in model_dirs:
         folder = Path(folder)
         manifest = json.loads((folder / "manifest.json").read_text())
-        model, ft, variant = folder.parts[-3:]
-        sizes.append({"model": model, "ft": ft, "variant": variant, **_size_columns(manifest)})
+        keys = dict(zip(("model", "ft", "variant"), folder.parts[-3:], strict=True))
+        sizes.append({**keys, **_size_columns(manifest)})
+        steps += variant_steps(keys, manifest)
+    write_parquet(pa.Table.from_pylist(steps, schema=STEPS_SCHEMA), out_dir / "variants.parquet")
     summary = summarise(scores, sizes, efficiency)
     write_parquet(pa.Table.from_pandas(summary, preserve_index=False), out_dir / "summary.parquet")
     return summary
 
 
 def _size_columns(manifest: dict[str, Any]) -> dict[str, Any]:
+    from vlmopt.tables import variant_method
+
     return {
+        "method": variant_method(manifest),
         "size_bytes": manifest.get("serialized_size_bytes"),
         "nominal_size_bytes": manifest.get("nominal_size_bytes"),
         "nominal_bits": manifest.get("nominal_bits_per_parameter"),

@@ -26,6 +26,7 @@ __all__ = [
     "EFFICIENCY_SCHEMA",
     "KEYS",
     "SCORES_SCHEMA",
+    "STEPS_SCHEMA",
     "SUMMARY_MEASURES",
     "config_hash",
     "efficiency_rows",
@@ -34,6 +35,8 @@ __all__ = [
     "read_predictions",
     "score_rows",
     "summarise",
+    "variant_method",
+    "variant_steps",
     "write_parquet",
     "write_predictions",
 ]
@@ -90,6 +93,64 @@ SUMMARY_MEASURES = (
     "energy_j_per_sample",
     "gflops_per_sample",
 )
+
+
+#: Settings of compression steps that the variants table carries as columns (others are left out).
+STEP_SETTINGS = {
+    "part": pa.string(),
+    "position": pa.string(),
+    "role": pa.string(),
+    "bits": pa.int64(),
+    "group_size": pa.int64(),
+    "activation_bits": pa.int64(),
+    "granularity": pa.string(),
+    "ratio": pa.float64(),
+    "keep": pa.int64(),
+    "drop_last": pa.int64(),
+    "fraction": pa.float64(),
+    "r": pa.int64(),
+    "dtype": pa.string(),
+    "backend": pa.string(),
+}
+#: One row per compression step of each (model, ft, variant); a variant without steps has one row
+#: with step -1 and method "none", so that every variant is in the table.
+STEPS_SCHEMA = pa.schema(
+    [("model", pa.string()), ("ft", pa.string()), ("variant", pa.string())]
+    + [("step", pa.int64()), ("method", pa.string())]
+    + list(STEP_SETTINGS.items())
+    + [("simulated", pa.bool_()), ("n_modules", pa.int64())]
+)
+
+
+def variant_method(manifest: dict[str, Any]) -> str:
+    """The variant's methods in order, joined by "+" ("none" for a variant without steps)."""
+    return "+".join(manifest.get("methods") or []) or "none"
+
+
+def _setting(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return "+".join(map(str, value)) if value else None
+    return value
+
+
+def variant_steps(keys: dict[str, str], manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of :data:`STEPS_SCHEMA` for one variant, from its manifest's steps."""
+    base = {k: keys[k] for k in ("model", "ft", "variant")}
+    steps = manifest.get("steps") or []
+    if not steps:
+        return [{**base, "step": -1, "method": "none", "simulated": False, "n_modules": 0}]
+    rows = []
+    for i, step in enumerate(steps):
+        settings = step.get("settings") or {}
+        row = {**base, "step": i, "method": step.get("method"), "simulated": step.get("simulated")}
+        row["n_modules"] = step.get("n_modules")
+        for name, typ in STEP_SETTINGS.items():
+            value = _setting(settings.get(name))
+            if value is not None and pa.types.is_integer(typ) and not isinstance(value, int):
+                value = None  # e.g. a per-part mapping where one number was expected
+            row[name] = value
+        rows.append(row)
+    return rows
 
 
 def write_parquet(table: pa.Table, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:

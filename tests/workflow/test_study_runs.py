@@ -66,6 +66,12 @@ def test_tables_and_plots_are_complete(finished_study):
     } <= set(summary.columns)
     assert set(summary.loc[summary["task"] == "retrieval", "model"]) == {"clip-tiny", "blip-itm-tiny"}
     assert summary["size_bytes"].gt(0).all()
+    # Each variant's steps, from its manifest: the method and its settings; "none" without steps.
+    variants = pd.read_parquet(finished_study / "results/tables/variants.parquet")
+    w8 = variants[variants["variant"] == "w8-language"]
+    assert set(w8["method"]) == {"uniform"} and set(w8["bits"]) == {8} and set(w8["part"]) == {"language"}
+    assert set(variants.loc[variants["variant"] == "baseline", "method"]) == {"none"}
+    assert set(summary.loc[summary["variant"] == "w8-language", "method"]) == {"uniform"}
     # Profiling is off in this study: an empty efficiency table with its columns.
     efficiency = pd.read_parquet(finished_study / "results/tables/efficiency.parquet")
     assert efficiency.empty and "measure" in efficiency.columns

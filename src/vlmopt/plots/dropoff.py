@@ -1,0 +1,97 @@
+"""Drop-off: quality against bit width, one line per model part and position (the BLIP-2 grid study)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from vlmopt.plots.static import MAIN_METRIC, MARKERS, PALETTE, _save, _tasks, plt
+
+__all__ = ["QUANTIZERS", "bit_width_lines", "bits_figure", "quality_vs_bits"]
+
+#: Weight quantization methods whose variants have one bit width.
+QUANTIZERS = ("uniform", "gptq", "awq")
+
+
+def bit_width_lines(summary: pd.DataFrame, variants: pd.DataFrame) -> pd.DataFrame:
+    """Summary rows of single-step weight-quantization variants, with ``method``, ``part``,
+    ``position``, ``activation_bits`` and ``bits`` from the variants table (other variants left out)."""
+    counts = variants.groupby(["model", "ft", "variant"])["step"].transform("size")
+    single = variants[(counts == 1) & variants["method"].isin(QUANTIZERS) & variants["bits"].notna()]
+    columns = ["model", "ft", "variant", "part", "position", "activation_bits", "bits"]
+    steps = single[columns].assign(quantizer=single["method"].to_numpy())
+    out = summary.drop(columns=[c for c in ("method",) if c in summary.columns])
+    return out.merge(steps, on=["model", "ft", "variant"], how="inner")
+
+
+def quality_vs_bits(summary: pd.DataFrame, variants: pd.DataFrame, out: str | Path) -> Path:
+    """:func:`bits_figure` saved as a PNG."""
+    return _save(bits_figure(summary, variants), out)
+
+
+def bits_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
+    """One panel per task: the headline metric against the weights' bit width.
+
+    A line per (model, finetune, quantizer, part, position) joins its bit widths; the model's
+    unquantized variant without steps (``baseline``), where evaluated, is a dashed horizontal line
+    in grey, labelled with the model. Weight-and-activation variants are left out of the lines (their
+    activations change too) unless they are all there is.
+    """
+    lines = bit_width_lines(summary, variants)
+    if lines.empty:
+        raise ValueError("no single-step weight-quantization variant (uniform, gptq, awq) with a bit width")
+    if lines["activation_bits"].isna().any():
+        lines = lines[lines["activation_bits"].isna()]
+    tasks = _tasks(lines)
+    if not tasks:
+        raise ValueError("the quantized variants have no task with a headline metric to plot")
+    keys = ["model", "ft", "quantizer", "part", "position"]
+    groups = sorted({tuple(r) for r in lines[keys].itertuples(index=False)})
+    models = sorted({(g[0], g[1]) for g in groups})
+    colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+    marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
+    for col, task in enumerate(tasks):
+        ax = axes[0][col]
+        metric, label = MAIN_METRIC[task]
+        rows = lines[lines["task"] == task]
+        for g in groups:
+            mine = rows[(rows[keys] == pd.Series(g, index=keys)).all(axis=1)].sort_values("bits")
+            if mine.empty or metric not in mine.columns:
+                continue
+            ax.plot(
+                mine["bits"],
+                mine[metric],
+                marker=marker[(g[0], g[1])],
+                color=colour[g],
+                linewidth=1.5,
+                label="/".join(map(str, g)),
+            )
+        baseline = summary[(summary["task"] == task) & (summary["variant"] == "baseline")]
+        for model, ft in marker:
+            base = baseline[(baseline["model"] == model) & (baseline["ft"] == ft)]
+            if not base.empty and metric in base.columns and pd.notna(base[metric].iloc[0]):
+                ax.axhline(float(base[metric].iloc[0]), color="gray", linestyle="--", linewidth=1)
+                ax.annotate(
+                    f"{model}/{ft} baseline",
+                    (1.0, float(base[metric].iloc[0])),
+                    xycoords=("axes fraction", "data"),
+                    ha="right",
+                    va="bottom",
+                    fontsize=7,
+                    color="gray",
+                )
+        bits = sorted(lines["bits"].dropna().unique())
+        ax.set_xticks(bits, [f"{int(b)}" for b in bits])
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel(label)
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    handles = [
+        plt.Line2D([], [], color=colour[g], marker=marker[(g[0], g[1])], label="/".join(map(str, g))) for g in groups
+    ]
+    handles.append(plt.Line2D([], [], color="gray", linestyle="--", label="baseline (not quantized)"))
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    return fig

@@ -1,0 +1,130 @@
+"""Tables and figures of the report on small synthetic tables: the variants table, the best
+variant under a budget, the bit-width drop-off figure."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from vlmopt.plots.budget import best_under_budget
+from vlmopt.plots.dropoff import bit_width_lines, bits_figure, quality_vs_bits
+from vlmopt.tables import STEPS_SCHEMA, variant_method, variant_steps
+
+KEYS = {"model": "m", "ft": "none", "variant": "v"}
+
+
+def _step(method, **settings):
+    return {"method": method, "settings": {"method": method, **settings}, "simulated": False, "n_modules": 3}
+
+
+def test_variant_steps_flatten_the_manifest():
+    assert variant_steps(KEYS, {"steps": [], "methods": []}) == [
+        {**KEYS, "step": -1, "method": "none", "simulated": False, "n_modules": 0}
+    ]
+    manifest = {
+        "methods": ["prune_layers", "lora"],
+        "steps": [
+            _step("prune_layers", part="language", position=["first", "last"], drop_last=1, modules=[]),
+            _step("uniform", part="vision", bits=4, group_size=None, layers={"a": 1}),
+        ],
+    }
+    rows = variant_steps(KEYS, manifest)
+    assert [r["step"] for r in rows] == [0, 1] and [r["method"] for r in rows] == ["prune_layers", "uniform"]
+    assert rows[0]["position"] == "first+last" and rows[0]["drop_last"] == 1 and rows[0]["bits"] is None
+    assert rows[1]["bits"] == 4 and rows[1]["part"] == "vision" and "layers" not in rows[1]
+    table = pa.Table.from_pylist(rows, schema=STEPS_SCHEMA)
+    assert table.num_rows == 2
+    assert variant_method(manifest) == "prune_layers+lora" and variant_method({"methods": []}) == "none"
+
+
+def _summary(rows):
+    base = {"ft": "none", "task": "captioning", "dataset": "d"}
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_best_under_budget_picks_the_best_quality_within_the_limit():
+    summary = _summary(
+        [
+            {"model": "a", "variant": "baseline", "CIDEr": 50.0, "size_bytes": 400.0},
+            {"model": "a", "variant": "w4", "CIDEr": 45.0, "size_bytes": 100.0},
+            {"model": "a", "variant": "w8", "CIDEr": 49.0, "size_bytes": 200.0},
+            {"model": "b", "variant": "w8", "CIDEr": 49.0, "size_bytes": 150.0},
+            {"model": "b", "variant": "unknown", "CIDEr": 99.0, "size_bytes": None},
+        ]
+    )
+    best = best_under_budget(summary, "size_bytes", 250).iloc[0]
+    # w8 of model b ties with w8 of model a on quality and costs less; the unknown cost never counts.
+    assert (best["model"], best["variant"], best["value"], best["cost_value"]) == ("b", "w8", 49.0, 150.0)
+    assert best["n_within"] == 3 and best["n_total"] == 5
+    assert best_under_budget(summary, "size_bytes", 1000).iloc[0]["variant"] == "baseline"
+    none = best_under_budget(summary, "size_bytes", 50).iloc[0]
+    assert none["n_within"] == 0 and none["variant"] is None
+    with pytest.raises(ValueError, match="unknown budget cost 'weight'"):
+        best_under_budget(summary, "weight", 1)
+    with pytest.raises(ValueError, match="no 'energy_j_per_sample' column"):
+        best_under_budget(summary, "energy_j_per_sample", 1)
+
+
+def _grid():
+    rows, steps = [], []
+    for model in ("a", "b"):
+        rows.append({"model": model, "variant": "baseline", "CIDEr": 60.0})
+        steps.append({"model": model, "ft": "none", "variant": "baseline", "step": -1, "method": "none"})
+        for part in ("vision", "language"):
+            for bits in (2, 4, 8):
+                name = f"{part}-{bits}"
+                rows.append({"model": model, "variant": name, "CIDEr": 10.0 * bits})
+                steps.append(
+                    {
+                        "model": model,
+                        "ft": "none",
+                        "variant": name,
+                        "step": 0,
+                        "method": "uniform",
+                        "part": part,
+                        "position": "all",
+                        "bits": bits,
+                    }
+                )
+    # Two steps (prune, then quantize) and a weight-and-activation variant: not on the lines.
+    rows += [{"model": "a", "variant": "prune-w4", "CIDEr": 1.0}, {"model": "a", "variant": "w8a8", "CIDEr": 2.0}]
+    steps += [
+        {"model": "a", "ft": "none", "variant": "prune-w4", "step": 0, "method": "prune_layers"},
+        {"model": "a", "ft": "none", "variant": "prune-w4", "step": 1, "method": "uniform", "bits": 4},
+        {
+            "model": "a",
+            "ft": "none",
+            "variant": "w8a8",
+            "step": 0,
+            "method": "uniform",
+            "bits": 8,
+            "activation_bits": 8,
+        },
+    ]
+    return _summary(rows), pd.DataFrame(steps)
+
+
+def test_bit_width_lines_and_figure(tmp_path):
+    summary, variants = _grid()
+    lines = bit_width_lines(summary, variants)
+    # 2 models x 2 parts x 3 widths, and the w8a8 variant; the two-step variant is left out.
+    assert len(lines) == 13 and "prune-w4" not in set(lines["variant"])
+    fig = bits_figure(summary, variants)
+    ax = fig.axes[0]
+    drawn = [line for line in ax.lines if not line.get_label().startswith("_")]
+    # One line per (model, ft, quantizer, part, position), three points each; w8a8 is not among them.
+    assert sorted(line.get_label() for line in drawn) == [
+        "a/none/uniform/language/all",
+        "a/none/uniform/vision/all",
+        "b/none/uniform/language/all",
+        "b/none/uniform/vision/all",
+    ]
+    assert all(list(line.get_xdata()) == [2, 4, 8] for line in drawn)
+    assert all(list(line.get_ydata()) == [20.0, 40.0, 80.0] for line in drawn)
+    # Each model's baseline is a dashed horizontal line.
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 2 and all(list(line.get_ydata()) == [60.0, 60.0] for line in dashed)
+    assert quality_vs_bits(summary, variants, tmp_path / "bits.png").stat().st_size > 5000
+    with pytest.raises(ValueError, match="no single-step weight-quantization variant"):
+        bits_figure(summary, variants[variants["method"] != "uniform"])
