@@ -27,5 +27,6 @@ rule all:
         "results/plots/quality_vs_size.png",
         "results/plots/task_bars.png",
         "results/plots/quality_vs_cost.png",
+        "results/report/index.html",
         # The profiling sweep's figure, in studies that sweep.
         ["results/plots/scaling.png"] if SWEPT else [],

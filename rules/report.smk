@@ -70,3 +70,26 @@ rule scaling:
         code=code("scaling"),
     script:
         "../workflow/scripts/scaling.py"
+
+
+# The study's report (vlmopt.report): one self-contained HTML page with every figure the tables
+# have data for, a sortable table of every configuration, the best one under size, latency and
+# energy budgets, the study file and the versions and commit that produced the scores.
+rule html_report:
+    input:
+        summary="results/tables/summary.parquet",
+        variants="results/tables/variants.parquet",
+        efficiency="results/tables/efficiency.parquet",
+        scores="results/tables/scores.parquet",
+    output:
+        "results/report/index.html",
+    log:
+        "logs/report/html_report.log",
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    params:
+        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
+        code=code("html_report"),
+        study=canonical(config),
+    script:
+        "../workflow/scripts/report.py"

@@ -116,7 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plots", help="figures from a summary table")
     p.add_argument("summary", type=Path)
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("report", help="one self-contained HTML report from a study's result tables")
+    p.add_argument("--tables", type=Path, default=Path("results/tables"), help="folder of summary.parquet ...")
+    p.add_argument("--out", type=Path, required=True, help="folder for index.html and the tables it links")
+    p.add_argument("--config", type=Path, help="the study file, shown in the report")
+    p.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="COST=LIMIT[,LIMIT...]",
+        help="limits of a budget table, e.g. nominal_size_bytes=2e8 or latency_ms_per_sample_p50=50,100 "
+        "(repeatable; default: 0.25, 0.5 and 1 times the most expensive baseline's cost)",
+    )
     return parser
+
+
+def _budgets(specs: list[str]) -> dict[str, list[float]] | None:
+    from vlmopt.plots.budget import BUDGET_COSTS
+
+    if not specs:
+        return None
+    budgets: dict[str, list[float]] = {}
+    for spec in specs:
+        cost, sep, limits = spec.partition("=")
+        try:
+            budgets[cost] = [float(x) for x in limits.split(",")] if sep else []
+        except ValueError:
+            budgets[cost] = []
+        if not budgets[cost]:
+            raise SystemExit(f"--budget {spec!r}: expected COST=LIMIT[,LIMIT...], e.g. nominal_size_bytes=2e8")
+        if cost not in BUDGET_COSTS:
+            raise SystemExit(f"--budget {spec!r}: unknown cost {cost!r}; known: {', '.join(sorted(BUDGET_COSTS))}")
+    return budgets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "plots":
         for path in pipeline.build_plots(args.summary, args.out):
             print(path)
+    elif args.stage == "report":
+        import yaml
+
+        from vlmopt.report import build_report
+
+        config = yaml.safe_load(args.config.read_text()) if args.config else None
+        print(build_report(args.tables, args.out, config=config, budgets=_budgets(args.budget)))
     return 0
 
 

@@ -36,6 +36,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "tables": ("build_tables",),
     "plots": ("build_plots",),
     "scaling": ("build_scaling_plot",),
+    "html_report": ("build_html_report",),
 }
 
 _PACKAGE = "vlmopt"

@@ -694,6 +694,13 @@ def build_scaling_plot(efficiency: str | Path, out: str | Path) -> Path:
     return scaling_curves(pd.read_parquet(efficiency), out)
 
 
+def build_html_report(tables: str | Path, out: str | Path, study: dict[str, Any] | None = None) -> Path:
+    """The study's HTML report (:func:`vlmopt.report.build_report`) in ``out/index.html``."""
+    from vlmopt.report import build_report
+
+    return build_report(tables, out, config=study)
+
+
 def start_job(log_path: str | Path, threads: int = 1) -> None:
     """Send stderr and logging to the job's log file and bound torch's threads to the job's share.
 

@@ -478,6 +478,7 @@ def _expected_jobs(config: dict) -> dict[str, int]:
         "sweep": sweeps,
         "tables": 1,
         "plots": 1,
+        "html_report": 1,
         "scaling": 1 if sweeps else 0,
         "all": 1,
     }

@@ -79,6 +79,13 @@ def test_tables_and_plots_are_complete(finished_study):
     assert (scores["n_samples"] == 12).all()
     for png in ("quality_vs_size.png", "task_bars.png", "quality_vs_cost.png"):
         assert (finished_study / "results/plots" / png).stat().st_size > 10_000
+    # The HTML report: every figure with data (no sweep here), every configuration, the study file.
+    page = (finished_study / "results/report/index.html").read_text()
+    for figure in ("quality_vs_size", "quality_vs_cost", "quality_vs_bits", "task_bars"):
+        assert f'id="fig-{figure}"' in page, figure
+    assert "scaling: the efficiency table has no sweep rows" in page
+    assert len(pd.read_csv(finished_study / "results/report/configurations.csv")) == len(summary)
+    assert "study: shapes-test" in page
 
 
 def test_rerun_does_nothing(finished_study):
@@ -112,6 +119,7 @@ def test_changing_one_variant_reruns_only_its_chain(finished_study, tmp_path):
         "score": 8,
         "tables": 1,
         "plots": 1,
+        "html_report": 1,
         "all": 1,
     }
     variants = re.findall(r"wildcards:.*variant=([\w-]+)", result.stdout)
@@ -134,6 +142,7 @@ def test_changing_a_task_setting_reruns_only_that_task(finished_study, tmp_path)
         "score": 8,
         "tables": 1,
         "plots": 1,
+        "html_report": 1,
         "all": 1,
     }
     assert set(re.findall(r"wildcards:.*task=(\w+)", result.stdout)) == {"retrieval", "classification"}
@@ -154,6 +163,7 @@ def test_changing_a_dataset_setting_reruns_what_reads_it(finished_study, tmp_pat
         "score": 4,
         "tables": 1,
         "plots": 1,
+        "html_report": 1,
         "all": 1,
     }
     assert set(re.findall(r"wildcards:.*dataset=([\w-]+)", result.stdout)) == {"shapes-colors"}
@@ -168,7 +178,7 @@ def test_profiling_a_finished_study(finished_study, tmp_path):
     result = run_snakemake(finished_study, "--dry-run", configfile=changed)
     assert result.returncode == 0, result.stderr
     # One profile per (model, ft, variant), each timing every task of the variant.
-    assert _job_counts(result.stdout) == {"profile": 11, "tables": 1, "plots": 1, "all": 1}
+    assert _job_counts(result.stdout) == {"profile": 11, "tables": 1, "plots": 1, "html_report": 1, "all": 1}
     target = "results/profile/blip-tiny/full/w8-language.parquet"
     result = run_snakemake(finished_study, "--", target, configfile=changed)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -201,7 +211,7 @@ def test_sweeping_a_finished_study(finished_study, tmp_path):
     assert result.returncode == 0, result.stderr
     counts = _job_counts(result.stdout)
     # blip2-tiny/none has one variant (baseline): three points; the profiles of all 11 variants too.
-    assert counts == {"profile": 11, "sweep": 3, "tables": 1, "plots": 1, "scaling": 1, "all": 1}
+    assert counts == {"profile": 11, "sweep": 3, "tables": 1, "plots": 1, "scaling": 1, "html_report": 1, "all": 1}
     target = "results/sweep/blip2-tiny/none/baseline/batch_size-3.parquet"
     result = run_snakemake(finished_study, "--", target, configfile=changed)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -214,7 +224,15 @@ def test_sweeping_a_finished_study(finished_study, tmp_path):
     config["profiling"]["sweep"]["batch_size"] = [1, 2, 3]
     changed.write_text(yaml.safe_dump(config))
     result = run_snakemake(finished_study, "--dry-run", configfile=changed)
-    assert _job_counts(result.stdout) == {"profile": 11, "sweep": 3, "tables": 1, "plots": 1, "scaling": 1, "all": 1}
+    assert _job_counts(result.stdout) == {
+        "profile": 11,
+        "sweep": 3,
+        "tables": 1,
+        "plots": 1,
+        "scaling": 1,
+        "html_report": 1,
+        "all": 1,
+    }
     (finished_study / target).unlink()  # the other tests expect the study as it was
 
 
@@ -241,7 +259,7 @@ def test_editing_a_library_module_reruns_the_stages_that_use_it(finished_study, 
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=finished_study)
     assert result.returncode == 0, result.stderr[-4000:]
     # Every score job reads vlmopt.metrics (the code digest of the score stage changed); nothing upstream.
-    assert _job_counts(result.stdout) == {"score": 21, "tables": 1, "plots": 1, "all": 1}
+    assert _job_counts(result.stdout) == {"score": 21, "tables": 1, "plots": 1, "html_report": 1, "all": 1}
     assert "Params have changed since last execution" in result.stdout
 
 

@@ -42,7 +42,8 @@ def best_under_budget(summary: pd.DataFrame, cost: str, limit: float) -> pd.Data
         row["n_within"] = len(within)
         row["n_total"] = len(group)
         if within.empty:
-            rows.append({**row, "model": None, "ft": None, "variant": None, "value": None, "cost_value": None})
+            empty = dict.fromkeys(("model", "ft", "variant", "method", "value", "cost_value"))
+            rows.append({**row, **empty})
             continue
         best = within.sort_values(
             [metric, cost, "model", "ft", "variant"], ascending=[False, True, True, True, True]

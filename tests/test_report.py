@@ -1,0 +1,197 @@
+"""The HTML report (vlmopt.report) from small synthetic result tables, and in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from vlmopt.cli import main
+from vlmopt.report import FIGURES, build_report
+from vlmopt.tables import EFFICIENCY_SCHEMA, STEPS_SCHEMA, write_parquet
+
+MODELS = ("a", "b")
+VARIANTS = {"baseline": None, "w8": 8, "w4": 4}
+
+
+def _tables(folder: Path, *, sweep: bool = True, steps: bool = True) -> Path:
+    summary, variants, efficiency, scores = [], [], [], []
+    for m, model in enumerate(MODELS):
+        for variant, bits in VARIANTS.items():
+            size = 4e6 * (m + 1) * (bits or 32) / 32
+            keys = {"model": model, "ft": "none", "variant": variant}
+            method = "uniform" if bits else "none"
+            variants.append({**keys, "step": 0 if bits else -1, "method": method, "bits": bits, "part": "language"})
+            for task, metric in (("captioning", "CIDEr"), ("vqa", "vqa_accuracy")):
+                quality = 50.0 + 10 * m - (8 - (bits or 8)) * 2
+                summary.append(
+                    {
+                        **keys,
+                        "task": task,
+                        "dataset": "d",
+                        metric: quality,
+                        "method": method,
+                        "nominal_size_bytes": size,
+                        "size_bytes": 4e6 * (m + 1),
+                        "simulated": bits is not None,
+                        "latency_ms_per_sample_p50": 10.0 * (m + 1),
+                        "gflops_per_sample": 0.5 * (m + 1),
+                        "energy_j_per_sample": None,
+                    }
+                )
+                scores.append(
+                    {**keys, "task": task, "dataset": "d", "metric": metric, "value": quality, "git_sha": "abc123"}
+                )
+                for measure, value in (("latency_ms_per_sample_p50", 10.0), ("gflops_per_sample", 0.5)):
+                    efficiency.append({**keys, "task": task, "dataset": "d", "measure": measure, "value": value})
+                    if sweep and variant == "baseline":
+                        for b in (1, 4):
+                            efficiency.append(
+                                {
+                                    **keys,
+                                    "task": task,
+                                    "dataset": "d",
+                                    "measure": measure,
+                                    "value": value / b,
+                                    "sweep_axis": "batch_size",
+                                    "sweep_value": str(b),
+                                }
+                            )
+    scores = pd.DataFrame(scores).assign(
+        vlmopt_version="0.1.0", torch_version="2.x", transformers_version="5.x", created_at="2026-01-01T00:00:00"
+    )
+    write_parquet(pa.Table.from_pandas(pd.DataFrame(summary), preserve_index=False), folder / "summary.parquet")
+    write_parquet(pa.Table.from_pandas(scores, preserve_index=False), folder / "scores.parquet")
+    efficiency = pd.DataFrame(efficiency).reindex(columns=EFFICIENCY_SCHEMA.names)
+    write_parquet(
+        pa.Table.from_pandas(efficiency, schema=EFFICIENCY_SCHEMA, preserve_index=False), folder / "efficiency.parquet"
+    )
+    if steps:
+        rows = pd.DataFrame(variants).reindex(columns=STEPS_SCHEMA.names)
+        write_parquet(
+            pa.Table.from_pandas(rows, schema=STEPS_SCHEMA, preserve_index=False), folder / "variants.parquet"
+        )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tables = _tables(tmp_path_factory.mktemp("tables"))
+    return build_report(tables, tmp_path_factory.mktemp("report"), config={"study": "synthetic", "seed": 0})
+
+
+def test_report_has_every_figure_table_and_provenance(report):
+    page = report.read_text()
+    for name in FIGURES:
+        assert f'id="fig-{name}"' in page, name
+    assert page.count("data:image/png;base64,") == len(FIGURES)
+    assert "Figures without data" not in page
+    # Every configuration: 2 models x 3 variants x 2 tasks, in the page and in the CSV beside it.
+    table = pd.read_csv(report.parent / "configurations.csv")
+    assert len(table) == 12 and page.count('<tr><td class="" data-sort="a">a</td>') == 6
+    assert list(table.columns[:8]) == ["model", "ft", "variant", "method", "task", "dataset", "metric", "value"]
+    assert "nominal size (MB)" in table.columns and table["nominal size (MB)"].max() == pytest.approx(8.0)
+    for name in ("summary", "variants", "efficiency", "scores"):
+        assert (report.parent / f"{name}.parquet").is_file() and f'href="{name}.parquet"' in page
+    # Budgets: 0.25, 0.5 and 1 x the most expensive baseline (b's, 8 MB). Within 4 MB the best is
+    # b's w8 (2 MB, as good as b's baseline); within 2 MB too; within 8 MB b's baseline ties with
+    # its w8 and the cheaper w8 wins.
+    budget = _html_rows(page, "budget-nominal_size_bytes")
+    assert len(budget) == 6  # 3 limits x 2 tasks
+    assert {(r["at most (MB)"], r["model"], r["variant"], r["value"]) for r in budget} == {
+        ("2.0", "b", "w8", "60.0"),
+        ("4.0", "b", "w8", "60.0"),
+        ("8.0", "b", "w8", "60.0"),
+    }
+    assert {r["n_within"] for r in budget if r["at most (MB)"] == "2.0"} == {"4.0"}
+    # No energy values: no energy budget table.
+    assert 'id="budget-energy_j_per_sample"' not in page
+    assert "abc123" in page and "study: synthetic" in page
+
+
+def _html_rows(page: str, table_id: str) -> list[dict[str, str]]:
+    """The rows of one table of the page as {header: sort key}."""
+    table = re.search(rf'<table id="{table_id}".*?</table>', page, re.S).group(0)
+    headers = re.findall(r"<th[^>]*>(.*?)</th>", table)
+    rows = re.findall(r"<tr>(<td.*?)</tr>", table)
+    return [dict(zip(headers, re.findall(r'data-sort="([^"]*)"', r), strict=True)) for r in rows]
+
+
+def test_figures_without_data_are_named(tmp_path):
+    tables = _tables(tmp_path / "tables", sweep=False, steps=False)
+    page = build_report(tables, tmp_path / "report").read_text()
+    assert 'id="fig-scaling"' not in page and 'id="fig-quality_vs_bits"' not in page
+    assert "scaling: the efficiency table has no sweep rows" in page
+    assert "quality_vs_bits: no variants.parquet in" in page
+    with pytest.raises(FileNotFoundError, match="summary.parquet does not exist"):
+        build_report(tmp_path / "nowhere", tmp_path / "report")
+
+
+def test_report_command(tmp_path, capsys):
+    tables = _tables(tmp_path / "tables")
+    study = tmp_path / "study.yaml"
+    study.write_text("study: from-a-file\n")
+    out = tmp_path / "out"
+    args = ["report", "--tables", str(tables), "--out", str(out), "--config", str(study)]
+    assert main([*args, "--budget", "latency_ms_per_sample_p50=15"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "index.html")
+    page = (out / "index.html").read_text()
+    assert "study: from-a-file" in page and 'id="budget-latency_ms_per_sample_p50"' in page
+    assert 'id="budget-nominal_size_bytes"' not in page
+    with pytest.raises(SystemExit, match="unknown cost 'latency'"):
+        main([*args, "--budget", "latency=3"])
+
+
+# --- in a real browser ---------------------------------------------------------------------------
+
+
+def _chromium() -> str | None:
+    """Debian's chromium, installed with apt-get where missing and possible; None if it cannot be had."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found or os.environ.get("VLMOPT_BROWSER_TEST", "1") == "0":
+        return found
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+    if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=900)
+        subprocess.run(install, capture_output=True, timeout=900)
+    return shutil.which("chromium")
+
+
+def test_report_loads_in_headless_chromium(report, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip(
+            "no chromium, and it cannot be installed here (needs root and apt-get; VLMOPT_BROWSER_TEST=0 skips)"
+        )
+    url = report.resolve().as_uri()
+    common = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run"]
+    loaded = subprocess.run(
+        [*common, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    # Console messages of the page (errors, uncaught exceptions) appear as CONSOLE lines.
+    console = [line for line in loaded.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    dom = loaded.stdout
+    for name in FIGURES:
+        assert f'id="fig-{name}"' in dom, name
+    # The page's own load handler counts the images the browser decoded.
+    assert f'data-images-loaded="{len(FIGURES)}"' in dom
+    shot = tmp_path / "report.png"
+    taken = subprocess.run(
+        [*common, "--window-size=1400,3000", f"--screenshot={shot}", url], capture_output=True, text=True, timeout=180
+    )
+    assert taken.returncode == 0 and shot.stat().st_size > 50_000, taken.stderr[-3000:]
+    print(f"screenshot: {shot}")
