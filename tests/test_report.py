@@ -64,6 +64,11 @@ def _tables(folder: Path, *, sweep: bool = True, steps: bool = True) -> Path:
                                     "sweep_value": str(b),
                                 }
                             )
+    # A real-vs-generated classifier with its confusion counts.
+    cm = {"cm_real_as_real": 9, "cm_real_as_generated": 1, "cm_generated_as_generated": 10}
+    keys = {"model": "a", "ft": "realgen", "variant": "baseline", "task": "real_vs_generated", "dataset": "g"}
+    summary.append({**keys, "accuracy": 95.0, "method": "none", **cm})
+    scores.append({**keys, "metric": "accuracy", "value": 95.0, "git_sha": "abc123"})
     scores = pd.DataFrame(scores).assign(
         vlmopt_version="0.1.0", torch_version="2.x", transformers_version="5.x", created_at="2026-01-01T00:00:00"
     )
@@ -93,9 +98,9 @@ def test_report_has_every_figure_table_and_provenance(report):
         assert f'id="fig-{name}"' in page, name
     assert page.count("data:image/png;base64,") == len(FIGURES)
     assert "Figures without data" not in page
-    # Every configuration: 2 models x 3 variants x 2 tasks, in the page and in the CSV beside it.
+    # Every configuration: 2 models x 3 variants x 2 tasks and the classifier, in the page and the CSV.
     table = pd.read_csv(report.parent / "configurations.csv")
-    assert len(table) == 12 and page.count('<tr><td class="" data-sort="a">a</td>') == 6
+    assert len(table) == 13 and page.count('<tr><td class="" data-sort="a">a</td>') == 7
     assert list(table.columns[:8]) == ["model", "ft", "variant", "method", "task", "dataset", "metric", "value"]
     assert "nominal size (MB)" in table.columns and table["nominal size (MB)"].max() == pytest.approx(8.0)
     for name in ("summary", "variants", "efficiency", "scores"):
@@ -104,13 +109,14 @@ def test_report_has_every_figure_table_and_provenance(report):
     # b's w8 (2 MB, as good as b's baseline); within 2 MB too; within 8 MB b's baseline ties with
     # its w8 and the cheaper w8 wins.
     budget = _html_rows(page, "budget-nominal_size_bytes")
-    assert len(budget) == 6  # 3 limits x 2 tasks
-    assert {(r["at most (MB)"], r["model"], r["variant"], r["value"]) for r in budget} == {
+    assert len(budget) == 9  # 3 limits x 3 tasks
+    captions = [r for r in budget if r["task"] != "real_vs_generated"]
+    assert {(r["at most (MB)"], r["model"], r["variant"], r["value"]) for r in captions} == {
         ("2.0", "b", "w8", "60.0"),
         ("4.0", "b", "w8", "60.0"),
         ("8.0", "b", "w8", "60.0"),
     }
-    assert {r["n_within"] for r in budget if r["at most (MB)"] == "2.0"} == {"4.0"}
+    assert {r["n_within"] for r in captions if r["at most (MB)"] == "2.0"} == {"4.0"}
     # No energy values: no energy budget table.
     assert 'id="budget-energy_j_per_sample"' not in page
     assert "abc123" in page and "study: synthetic" in page
@@ -119,7 +125,7 @@ def test_report_has_every_figure_table_and_provenance(report):
 def _html_rows(page: str, table_id: str) -> list[dict[str, str]]:
     """The rows of one table of the page as {header: sort key}."""
     table = re.search(rf'<table id="{table_id}".*?</table>', page, re.S).group(0)
-    headers = re.findall(r"<th[^>]*>(.*?)</th>", table)
+    headers = re.findall(r"<th(?:\s[^>]*)?>(.*?)</th>", table)
     rows = re.findall(r"<tr>(<td.*?)</tr>", table)
     return [dict(zip(headers, re.findall(r'data-sort="([^"]*)"', r), strict=True)) for r in rows]
 

@@ -128,3 +128,29 @@ def test_bit_width_lines_and_figure(tmp_path):
     assert quality_vs_bits(summary, variants, tmp_path / "bits.png").stat().st_size > 5000
     with pytest.raises(ValueError, match="no single-step weight-quantization variant"):
         bits_figure(summary, variants[variants["method"] != "uniform"])
+
+
+def test_confusion_matrices_show_counts_and_shares(tmp_path):
+    from vlmopt.plots.confusion import confusion_figure, confusion_matrices
+
+    counts = {"real_as_real": 8, "real_as_generated": 1, "real_as_unparsed": 1, "generated_as_generated": 5}
+    rows = [
+        {"model": "m", "ft": "realgen", "variant": v, "task": "real_vs_generated", "dataset": "d", "accuracy": a}
+        | {f"cm_{k}": n for k, n in counts.items()}
+        for v, a in (("baseline", 72.2), ("int8", 70.0))
+    ]
+    rows.append({"model": "m", "ft": "none", "variant": "baseline", "task": "captioning", "dataset": "d"})
+    fig = confusion_figure(pd.DataFrame(rows))
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == [
+        "m / realgen / baseline\naccuracy 72.2 %",
+        "m / realgen / int8\naccuracy 70.0 %",
+    ]
+    # Colour: each true class's shares (a missing count is 0); text: counts and shares.
+    shares = shown[0].images[0].get_array()
+    assert shares.tolist() == [[0.8, 0.1, 0.1], [0.0, 1.0, 0.0]]
+    texts = {t.get_text() for t in shown[0].texts}
+    assert {"8\n80%", "1\n10%", "5\n100%", "0\n0%"} <= texts
+    assert confusion_matrices(pd.DataFrame(rows), tmp_path / "cm.png").stat().st_size > 5000
+    with pytest.raises(ValueError, match="no real_vs_generated configuration"):
+        confusion_figure(pd.DataFrame(rows[-1:]))

@@ -66,6 +66,7 @@ TABLE_HEADERS = {
 def _figures() -> dict[str, tuple[str, Callable[..., Any], tuple[str, ...]]]:
     """Figure name -> (caption, plot function, the tables it is drawn from, in argument order)."""
     from vlmopt.plots import quality_vs_cost, quality_vs_size, task_bars
+    from vlmopt.plots.confusion import confusion_matrices
     from vlmopt.plots.dropoff import quality_vs_bits
     from vlmopt.plots.scaling import scaling_curves
 
@@ -93,6 +94,12 @@ def _figures() -> dict[str, tuple[str, Callable[..., Any], tuple[str, ...]]]:
             task_bars,
             ("summary",),
         ),
+        "confusion": (
+            "Real vs generated: what each classifier answered (columns) for real and generated test images "
+            "(rows), as counts and shares of the true class; unparsed answers name neither class.",
+            confusion_matrices,
+            ("summary",),
+        ),
         "scaling": (
             "The profiling sweep: latency, FLOPs (and energy, memory) per sample against image size, "
             "prompt length and batch size, and per dtype, attention implementation and torch.compile.",
@@ -103,7 +110,7 @@ def _figures() -> dict[str, tuple[str, Callable[..., Any], tuple[str, ...]]]:
 
 
 #: Figure names, in the report's order.
-FIGURES = ("quality_vs_size", "quality_vs_cost", "quality_vs_bits", "task_bars", "scaling")
+FIGURES = ("quality_vs_size", "quality_vs_cost", "quality_vs_bits", "task_bars", "confusion", "scaling")
 
 
 def variant_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -156,9 +163,10 @@ def _html_table(df: pd.DataFrame, table_id: str) -> str:
     for row in df.itertuples(index=False):
         cells = "".join(f'<td class="{cls}" data-sort="{key}">{text}</td>' for text, key, cls in map(_cell, row))
         body.append(f"<tr>{cells}</tr>")
-    return (
-        f'<table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-    )
+    rows = "".join(body)
+    table = f'<table id="{table_id}" class="sortable"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    # A wide table scrolls sideways inside the page instead of running past its edge.
+    return f'<div class="scroll">{table}</div>'
 
 
 _SCRIPT = """
@@ -192,6 +200,7 @@ figcaption { font-size: 0.9em; color: #444; max-width: 60em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; }
 th { background: #f2f2f2; cursor: pointer; } td { white-space: nowrap; } td.num { text-align: right; }
+div.scroll { overflow-x: auto; }
 pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 

@@ -81,7 +81,7 @@ def test_tables_and_plots_are_complete(finished_study):
         assert (finished_study / "results/plots" / png).stat().st_size > 10_000
     # The HTML report: every figure with data (no sweep here), every configuration, the study file.
     page = (finished_study / "results/report/index.html").read_text()
-    for figure in ("quality_vs_size", "quality_vs_cost", "quality_vs_bits", "task_bars"):
+    for figure in ("quality_vs_size", "quality_vs_cost", "quality_vs_bits", "task_bars", "confusion"):
         assert f'id="fig-{figure}"' in page, figure
     assert "scaling: the efficiency table has no sweep rows" in page
     assert len(pd.read_csv(finished_study / "results/report/configurations.csv")) == len(summary)
