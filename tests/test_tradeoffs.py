@@ -66,3 +66,20 @@ def test_figure_has_a_row_per_measured_cost(tmp_path):
             _summary(False).drop(columns=["latency_ms_per_sample_p50", "nominal_size_bytes", "gflops_per_sample"]),
             tmp_path / "c.png",
         )
+
+
+def test_front_is_labelled_baseline_ringed_and_simulated_variants_pale():
+    from vlmopt.plots.tradeoffs import cost_figure
+
+    summary = _summary(False).assign(simulated=[False, True, False])
+    fig = cost_figure(summary)
+    ax = fig.axes[0]  # captioning against latency: w4 (9 ms, 0.8) and baseline (10 ms, 1.0) are the front
+    assert sorted(t.get_text() for t in ax.texts) == ["baseline", "w4"]
+    points = {c.get_label(): c for c in ax.collections if not c.get_label().startswith("_")}
+    assert set(points) == {"m/none/baseline", "m/none/w4", "m/none/bad"}
+    # Simulated: pale and dashed; really compressed and dense variants: opaque, solid.
+    assert points["m/none/w4"].get_alpha() == 0.45 and points["m/none/w4"].get_linestyle()[0][1] is not None
+    assert points["m/none/bad"].get_alpha() == 1.0 and points["m/none/bad"].get_linestyle()[0][1] is None
+    # One black ring, around the baseline's point.
+    rings = [c for c in ax.collections if c.get_label() == "_baseline"]
+    assert len(rings) == 1 and rings[0].get_offsets().tolist() == [[10.0, 1.0]]

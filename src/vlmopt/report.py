@@ -79,7 +79,9 @@ def _figures() -> dict[str, tuple[str, Callable[..., Any], tuple[str, ...]]]:
         ),
         "quality_vs_cost": (
             "Quality against each measured cost (latency, size, FLOPs, energy) with the Pareto front "
-            "(grey line): the variants no other variant beats on both quality and that cost.",
+            "(grey line, its points labelled): the variants no other variant beats on both quality and that "
+            "cost. Baselines are ringed in black; simulated (fake-quantized) variants are pale with a dashed "
+            "outline, since their latency and energy are the dense model's.",
             quality_vs_cost,
             ("summary",),
         ),

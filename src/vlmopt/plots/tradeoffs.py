@@ -10,7 +10,7 @@ import pandas as pd
 
 from vlmopt.plots.static import MAIN_METRIC, MARKERS, PALETTE, _save, _tasks, plt
 
-__all__ = ["COSTS", "pareto_front", "quality_vs_cost"]
+__all__ = ["COSTS", "cost_figure", "pareto_front", "quality_vs_cost"]
 
 #: Cost columns of the summary table (lower is better), with their axis labels, in panel order.
 COSTS = {
@@ -38,13 +38,45 @@ def pareto_front(cost: Sequence[float], quality: Sequence[float]) -> np.ndarray:
     return front
 
 
+def _label_front(ax: plt.Axes, x: np.ndarray, y: np.ndarray, names: np.ndarray, fontsize: float = 7) -> None:
+    """Label front points with their variant, best quality first, leaving out a label that would
+    overlap one already placed (its colour still names it in the legend)."""
+    ax.autoscale_view()
+    scale = ax.figure.dpi / 72
+    placed: list[tuple[float, float, float, float]] = []
+    for i in np.argsort(-y, kind="stable"):
+        px, py = ax.transData.transform((x[i], y[i]))
+        left, bottom = px + 4 * scale, py + 4 * scale
+        box = (left, bottom, left + 0.6 * fontsize * len(str(names[i])) * scale, bottom + 1.2 * fontsize * scale)
+        if any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            continue
+        placed.append(box)
+        ax.annotate(
+            names[i], (x[i], y[i]), xytext=(4, 4), textcoords="offset points", fontsize=fontsize, color="dimgray"
+        )
+
+
 def quality_vs_cost(summary: pd.DataFrame, out: str | Path) -> Path:
+    """:func:`cost_figure` saved as a PNG."""
+    return _save(cost_figure(summary), out)
+
+
+def _simulated(rows: pd.DataFrame) -> pd.Series:
+    if "simulated" not in rows.columns:
+        return pd.Series(False, index=rows.index)
+    return rows["simulated"].astype("boolean").fillna(False).astype(bool)
+
+
+def cost_figure(summary: pd.DataFrame) -> plt.Figure:
     """A grid of panels: one row per cost that the summary has values of, one column per task.
 
     Each panel plots the task's headline metric against the cost, a colour per variant and a
     marker per model (hollow when not finetuned); the Pareto front (cheapest for its quality) is
-    joined by a line. Simulated variants are drawn at their measured cost, which is the dense
-    model's for latency and energy (the efficiency table says which they are).
+    joined by a grey line and its points are labelled with their variant where the label does not
+    overlap another. Baselines (variant
+    ``baseline``) are ringed in black. Simulated variants (fake-quantized weights in float tensors)
+    have a dashed outline and a pale fill: their latency and energy are the dense model's, their
+    size is nominal.
     """
     tasks = _tasks(summary)
     if not tasks:
@@ -64,7 +96,8 @@ def quality_vs_cost(summary: pd.DataFrame, out: str | Path) -> Path:
             rows = summary[summary["task"] == task]
             x = rows[cost].astype(float) * _SCALE.get(cost, 1.0)
             y = rows[metric].astype(float)
-            for (_, r), xi, yi in zip(rows.iterrows(), x, y, strict=True):
+            simulated = _simulated(rows)
+            for (_, r), xi, yi, sim in zip(rows.iterrows(), x, y, simulated, strict=True):
                 ax.scatter(
                     xi,
                     yi,
@@ -73,11 +106,17 @@ def quality_vs_cost(summary: pd.DataFrame, out: str | Path) -> Path:
                     marker=marker[r["model"]],
                     s=55,
                     linewidths=1.5,
+                    alpha=0.45 if sim else 1.0,
+                    linestyle="--" if sim else "-",
+                    label=f"{r['model']}/{r['ft']}/{r['variant']}",
                 )
+                if r["variant"] == "baseline":
+                    ax.scatter(xi, yi, s=190, facecolors="none", edgecolors="black", linewidths=1.0, label="_baseline")
             on = pareto_front(x, y)
             if on.any():
                 order = np.argsort(x.to_numpy()[on])
                 ax.plot(x.to_numpy()[on][order], y.to_numpy()[on][order], color="gray", linewidth=1, zorder=0)
+                _label_front(ax, x.to_numpy()[on], y.to_numpy()[on], rows["variant"].to_numpy()[on])
             ax.set_xlabel(COSTS[cost])
             ax.set_ylabel(label)
             if row == 0:
@@ -87,7 +126,11 @@ def quality_vs_cost(summary: pd.DataFrame, out: str | Path) -> Path:
     handles += [plt.Line2D([], [], color="gray", marker=marker[m], linestyle="", label=m) for m in models]
     handles += [
         plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="", label="not finetuned"),
-        plt.Line2D([], [], color="gray", linewidth=1, label="Pareto front"),
+        plt.Line2D([], [], color="gray", marker="o", alpha=0.45, linestyle="", label="simulated (pale)"),
+        plt.Line2D(
+            [], [], color="black", marker="o", markersize=12, markerfacecolor="none", linestyle="", label="baseline"
+        ),
+        plt.Line2D([], [], color="gray", linewidth=1, label="Pareto front (labelled)"),
     ]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    return _save(fig, out)
+    return fig
