@@ -37,8 +37,6 @@ from transformers import (
     BlipForConditionalGeneration,
     BlipImageProcessorPil,
     BlipProcessor,
-    BlipTextConfig,
-    BlipVisionConfig,
 )
 
 from vlmopt.data.images import open_image
@@ -76,28 +74,12 @@ def wide_blip(texts: list[str], seed: int = 0) -> LoadedModel:
     """A random-init BLIP captioning model like ``tiny:blip``, with a wide text decoder."""
     adapter = get_family("blip")
     tokenizer = train_word_tokenizer([*texts, adapter.prompts["vqa"]])
-    vision = BlipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=adapter.tiny_patch_size,
-        initializer_range=0.02,
-    )
-    text = BlipTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=4,
-        encoder_hidden_size=vision.hidden_size,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        sep_token_id=tokenizer.sep_token_id,
-    )
+    # The tiny layout (vision width 32, word tokenizer, 64 positions), with one vision layer and a
+    # wide text decoder.
+    vision, text = adapter.tiny_configs(tokenizer, IMAGE_SIZE)
+    vision.num_hidden_layers = 1
+    text.hidden_size, text.intermediate_size = HIDDEN, INTERMEDIATE
+    text.num_hidden_layers, text.num_attention_heads = TEXT_LAYERS, 4
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text))
     processor = BlipProcessor(
