@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import shutil
 import tempfile
@@ -239,8 +238,9 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     sections, missing = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        figures = _figures()
         for name in FIGURES:
-            caption, draw, needs = _figures()[name]
+            caption, draw, needs = figures[name]
             absent = [t for t in needs if loaded[t] is None]
             if absent:
                 missing.append(f"{name}: no {absent[0]}.parquet in {tables}")
@@ -336,9 +336,6 @@ def _provenance(scores: pd.DataFrame | None) -> str:
 
 
 def _yaml(config: dict[str, Any]) -> str:
-    try:
-        import yaml
+    import yaml
 
-        return yaml.safe_dump(config, sort_keys=False)
-    except ImportError:  # pragma: no cover - yaml comes with snakemake and the tests
-        return json.dumps(config, indent=2)
+    return yaml.safe_dump(config, sort_keys=False)

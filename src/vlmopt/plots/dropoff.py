@@ -21,7 +21,7 @@ def bit_width_lines(summary: pd.DataFrame, variants: pd.DataFrame) -> pd.DataFra
     single = variants[(counts == 1) & variants["method"].isin(QUANTIZERS) & variants["bits"].notna()]
     columns = ["model", "ft", "variant", "part", "position", "activation_bits", "bits"]
     steps = single[columns].assign(quantizer=single["method"].to_numpy())
-    out = summary.drop(columns=[c for c in ("method",) if c in summary.columns])
+    out = summary.drop(columns="method", errors="ignore")
     return out.merge(steps, on=["model", "ft", "variant"], how="inner")
 
 

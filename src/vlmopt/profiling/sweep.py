@@ -76,8 +76,8 @@ def _filler_word(tokenizer: Any) -> str:
     """A word the tokenizer encodes, after a space, as one known token (the first that does)."""
     unk = getattr(tokenizer, "unk_token_id", None)
     for word in _FILLER_WORDS:
-        ids = text_ids(tokenizer, f"x {word} {word}")[-2:]
-        if len(text_ids(tokenizer, f"x {word} {word}")) >= 3 and len(set(ids)) == 1 and ids[0] != unk:
+        ids = text_ids(tokenizer, f"x {word} {word}")
+        if len(ids) >= 3 and ids[-1] == ids[-2] != unk:
             return word
     return _FILLER_WORDS[0]
 
