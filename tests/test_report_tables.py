@@ -9,6 +9,7 @@ import pytest
 
 from vlmopt.plots.budget import best_under_budget
 from vlmopt.plots.dropoff import bit_width_lines, bits_figure, quality_vs_bits
+from vlmopt.plots.static import method_colour
 from vlmopt.tables import STEPS_SCHEMA, variant_method, variant_steps
 
 KEYS = {"model": "m", "ft": "none", "variant": "v"}
@@ -20,7 +21,7 @@ def _step(method, **settings):
 
 def test_variant_steps_flatten_the_manifest():
     assert variant_steps(KEYS, {"steps": [], "methods": []}) == [
-        {**KEYS, "step": -1, "method": "none", "simulated": False, "n_modules": 0}
+        {**KEYS, "step": -1, "method": "none", "simulated": False, "n_modules": 0, "n_layers": 0}
     ]
     manifest = {
         "methods": ["prune_layers", "lora"],
@@ -29,10 +30,20 @@ def test_variant_steps_flatten_the_manifest():
             _step("uniform", part="vision", bits=4, group_size=None, layers={"a": 1}),
         ],
     }
+    # The pruned layer's modules lie in one layer; the quantized ones in two layers of one part
+    # and one of another (same index, other part), and a module without a layer index counts none.
+    manifest["steps"][0]["modules"] = [{"part": "language", "layer_index": 2}] * 3
+    manifest["steps"][1]["modules"] = [
+        {"part": "vision", "layer_index": 0},
+        {"part": "vision", "layer_index": 1},
+        {"part": "language", "layer_index": 1},
+        {"part": "vision", "layer_index": None},
+    ]
     rows = variant_steps(KEYS, manifest)
     assert [r["step"] for r in rows] == [0, 1] and [r["method"] for r in rows] == ["prune_layers", "uniform"]
     assert rows[0]["position"] == "first+last" and rows[0]["drop_last"] == 1 and rows[0]["bits"] is None
     assert rows[1]["bits"] == 4 and rows[1]["part"] == "vision" and "layers" not in rows[1]
+    assert [r["n_layers"] for r in rows] == [1, 3]
     table = pa.Table.from_pylist(rows, schema=STEPS_SCHEMA)
     assert table.num_rows == 2
     assert variant_method(manifest) == "prune_layers+lora" and variant_method({"methods": []}) == "none"
@@ -122,6 +133,12 @@ def test_bit_width_lines_and_figure(tmp_path):
     ]
     assert all(list(line.get_xdata()) == [2, 4, 8] for line in drawn)
     assert all(list(line.get_ydata()) == [20.0, 40.0, 80.0] for line in drawn)
+    # Coloured by the quantizer (uniform's colour in every figure), styled by part: the two parts
+    # differ, the two models of one part do not.
+    assert {line.get_color() for line in drawn} == {method_colour("uniform")}
+    style = {line.get_label(): line.get_linestyle() for line in drawn}
+    assert style["a/none/uniform/language/all"] == style["b/none/uniform/language/all"]
+    assert style["a/none/uniform/language/all"] != style["a/none/uniform/vision/all"]
     # Each model's baseline is a dashed horizontal line.
     dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
     assert len(dashed) == 2 and all(list(line.get_ydata()) == [60.0, 60.0] for line in dashed)

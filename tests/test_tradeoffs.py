@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.colors
 import matplotlib.image as mpimg
+import matplotlib.text
 import numpy as np
 import pandas as pd
 import pytest
@@ -68,18 +70,64 @@ def test_figure_has_a_row_per_measured_cost(tmp_path):
         )
 
 
-def test_front_is_labelled_baseline_ringed_and_simulated_variants_pale():
+def test_every_variant_labelled_coloured_by_method_baseline_ringed_and_simulated_variants_pale():
+    from vlmopt.plots.static import method_colour
     from vlmopt.plots.tradeoffs import cost_figure
 
-    summary = _summary(False).assign(simulated=[False, True, False])
+    summary = _summary(False).assign(simulated=[False, True, False], ft="full", method=["none", "uniform", "svd"])
     fig = cost_figure(summary)
     ax = fig.axes[0]  # captioning against latency: w4 (9 ms, 0.8) and baseline (10 ms, 1.0) are the front
-    assert sorted(t.get_text() for t in ax.texts) == ["baseline", "w4"]
+    assert sorted(t.get_text() for t in ax.texts) == ["bad", "baseline", "w4"]
     points = {c.get_label(): c for c in ax.collections if not c.get_label().startswith("_")}
-    assert set(points) == {"m/none/baseline", "m/none/w4", "m/none/bad"}
+    assert set(points) == {"m/full/baseline", "m/full/w4", "m/full/bad"}
     # Simulated: pale and dashed; really compressed and dense variants: opaque, solid.
-    assert points["m/none/w4"].get_alpha() == 0.45 and points["m/none/w4"].get_linestyle()[0][1] is not None
-    assert points["m/none/bad"].get_alpha() == 1.0 and points["m/none/bad"].get_linestyle()[0][1] is None
+    assert [tuple(points[f"m/full/{v}"].get_facecolor()[0][:3]) for v in ("baseline", "w4", "bad")] == [
+        matplotlib.colors.to_rgb(method_colour(m)) for m in ("none", "uniform", "svd")
+    ]
+    assert points["m/full/w4"].get_alpha() == 0.45 and points["m/full/w4"].get_linestyle()[0][1] is not None
+    assert points["m/full/bad"].get_alpha() == 1.0 and points["m/full/bad"].get_linestyle()[0][1] is None
     # One black ring, around the baseline's point.
     rings = [c for c in ax.collections if c.get_label() == "_baseline"]
     assert len(rings) == 1 and rings[0].get_offsets().tolist() == [[10.0, 1.0]]
+
+
+def _boxes(ax):
+    """The text boxes of the axes' labels (without their leader lines)."""
+    ax.figure.canvas.draw()
+    renderer = ax.figure.canvas.get_renderer()
+    return [matplotlib.text.Text.get_window_extent(t, renderer) for t in ax.texts]
+
+
+def test_labels_do_not_overlap_and_fall_back_to_the_front():
+    from vlmopt.plots.labels import label_points
+    from vlmopt.plots.static import plt
+
+    rng = np.random.default_rng(1)
+    x, y = rng.random(30), rng.random(30)
+    names = [f"variant-{i}" for i in range(30)]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(x, y)
+    counts = label_points(ax, x, y, names)
+    boxes = _boxes(ax)
+    # Every name drawn once (two points closer than a marker would share a label).
+    shown = [name for t in ax.texts for name in t.get_text().split("\n")]
+    assert counts == {"placed": 30, "left_out": 0} and sorted(shown) == sorted(names)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    frame = ax.get_window_extent()
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    plt.close(fig)
+
+    # Points on top of each other share one label, a line per name.
+    fig, ax = plt.subplots()
+    ax.scatter([1, 1, 2], [1, 1, 2])
+    assert label_points(ax, [1, 1, 2], [1, 1, 2], ["a", "b", "c"]) == {"placed": 3, "left_out": 0}
+    assert sorted(t.get_text() for t in ax.texts) == ["a\nb", "c"]
+    plt.close(fig)
+
+    # Past max_labels points, only the priority points (the front) are labelled.
+    fig, ax = plt.subplots()
+    ax.scatter(x, y)
+    front = pareto_front(x, y)
+    counts = label_points(ax, x, y, names, priority=front, max_labels=10)
+    assert counts["placed"] == front.sum() and sorted(t.get_text() for t in ax.texts) == sorted(np.array(names)[front])
+    plt.close(fig)

@@ -118,7 +118,7 @@ STEPS_SCHEMA = pa.schema(
     [("model", pa.string()), ("ft", pa.string()), ("variant", pa.string())]
     + [("step", pa.int64()), ("method", pa.string())]
     + list(STEP_SETTINGS.items())
-    + [("simulated", pa.bool_()), ("n_modules", pa.int64())]
+    + [("simulated", pa.bool_()), ("n_modules", pa.int64()), ("n_layers", pa.int64())]
 )
 
 
@@ -133,17 +133,29 @@ def _setting(value: Any) -> Any:
     return value
 
 
+def _n_layers(step: dict[str, Any]) -> int | None:
+    """How many layers (distinct part and layer index) the step's modules lie in; None when its
+    manifest lists no module with a layer index (e.g. a whole-model cast)."""
+    layers = {
+        (m.get("part"), m["layer_index"])
+        for m in step.get("modules") or []
+        if isinstance(m, dict) and m.get("layer_index") is not None
+    }
+    return len(layers) or None
+
+
 def variant_steps(keys: dict[str, str], manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of :data:`STEPS_SCHEMA` for one variant, from its manifest's steps."""
     base = {k: keys[k] for k in ("model", "ft", "variant")}
     steps = manifest.get("steps") or []
     if not steps:
-        return [{**base, "step": -1, "method": "none", "simulated": False, "n_modules": 0}]
+        return [{**base, "step": -1, "method": "none", "simulated": False, "n_modules": 0, "n_layers": 0}]
     rows = []
     for i, step in enumerate(steps):
         settings = step.get("settings") or {}
         row = {**base, "step": i, "method": step.get("method"), "simulated": step.get("simulated")}
         row["n_modules"] = step.get("n_modules")
+        row["n_layers"] = _n_layers(step)
         for name, typ in STEP_SETTINGS.items():
             value = _setting(settings.get(name))
             if value is not None and pa.types.is_integer(typ) and not isinstance(value, int):

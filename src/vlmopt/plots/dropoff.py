@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlmopt.plots.static import MAIN_METRIC, MARKERS, PALETTE, _save, _tasks, plt
+from vlmopt.plots.static import MAIN_METRIC, MARKERS, _save, _tasks, method_colour, plt
 
 __all__ = ["QUANTIZERS", "bit_width_lines", "bits_figure", "quality_vs_bits"]
 
 #: Weight quantization methods whose variants have one bit width.
 QUANTIZERS = ("uniform", "gptq", "awq")
+# Line styles of the part and position selections (solid, dotted, dash-dot, ...); dashed is the baseline.
+_STYLES = ["-", ":", "-.", (0, (6, 2)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3))]
 
 
 def bit_width_lines(summary: pd.DataFrame, variants: pd.DataFrame) -> pd.DataFrame:
@@ -33,7 +35,9 @@ def quality_vs_bits(summary: pd.DataFrame, variants: pd.DataFrame, out: str | Pa
 def bits_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
     """One panel per task: the headline metric against the weights' bit width.
 
-    A line per (model, finetune, quantizer, part, position) joins its bit widths; the model's
+    A line per (model, finetune, quantizer, part, position) joins its bit widths, coloured by the
+    quantizer (the method colours of every figure), dashed or dotted by part and position, with a
+    marker per model; the model's
     unquantized variant without steps (``baseline``), where evaluated, is a dashed horizontal line
     in grey, labelled with the model. Weight-and-activation variants are left out of the lines (their
     activations change too) unless they are all there is.
@@ -49,7 +53,9 @@ def bits_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
     keys = ["model", "ft", "quantizer", "part", "position"]
     groups = sorted({tuple(r) for r in lines[keys].itertuples(index=False)})
     models = sorted({(g[0], g[1]) for g in groups})
-    colour = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+    colour = {g: method_colour(g[2]) for g in groups}
+    selections = sorted({(g[3], g[4]) for g in groups})
+    style = {sel: _STYLES[i % len(_STYLES)] for i, sel in enumerate(selections)}
     marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
     for col, task in enumerate(tasks):
@@ -65,6 +71,7 @@ def bits_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
                 mine[metric],
                 marker=marker[(g[0], g[1])],
                 color=colour[g],
+                linestyle=style[(g[3], g[4])],
                 linewidth=1.5,
                 label="/".join(map(str, g)),
             )
@@ -89,7 +96,15 @@ def bits_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
         ax.set_title(task)
         ax.grid(alpha=0.3)
     handles = [
-        plt.Line2D([], [], color=colour[g], marker=marker[(g[0], g[1])], label="/".join(map(str, g))) for g in groups
+        plt.Line2D(
+            [],
+            [],
+            color=colour[g],
+            linestyle=style[(g[3], g[4])],
+            marker=marker[(g[0], g[1])],
+            label="/".join(map(str, g)),
+        )
+        for g in groups
     ]
     handles.append(plt.Line2D([], [], color="gray", linestyle="--", label="baseline (not quantized)"))
     fig.tight_layout()

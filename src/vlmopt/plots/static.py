@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-__all__ = ["MAIN_METRIC", "quality_vs_size", "task_bars"]
+__all__ = ["MAIN_METRIC", "METHOD_COLOURS", "method_colour", "quality_vs_size", "task_bars"]
 
 #: The headline metric of each task, with its axis label.
 MAIN_METRIC = {
@@ -41,6 +41,39 @@ PALETTE = [
 ]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
+#: One colour per compression method, the same in every figure (the summary's ``method`` column:
+#: a variant's methods joined by "+", "none" for baselines and finetuned models).
+METHOD_COLOURS = {
+    "none": "#000000",
+    "uniform": "#0072B2",
+    "gptq": "#56B4E9",
+    "awq": "#009E73",
+    "dynamic_int8": "#E69F00",
+    "precision": "#999933",
+    "svd": "#CC79A7",
+    "prune_layers": "#D55E00",
+    "prune_heads": "#882255",
+    "lora": "#44AA99",
+}
+# Methods combined in one variant ("prune_layers+lora"): colours left over, chosen from the name.
+_COMBINED = ["#332288", "#DDCC77", "#AA4499", "#117733", "#88CCEE", "#661100"]
+
+
+def method_colour(method: str | None) -> str:
+    """The colour of a method (or of a "+"-joined sequence of methods) in every figure.
+
+    A single method has a fixed colour; a combination gets one of the colours no single method
+    uses, picked by a checksum of its name, so it is the same in every figure and every study.
+    A missing method (older tables) counts as "none".
+    """
+    import zlib
+
+    if method is None or (isinstance(method, float) and method != method):
+        method = "none"
+    if method in METHOD_COLOURS:
+        return METHOD_COLOURS[method]
+    return _COMBINED[zlib.crc32(str(method).encode()) % len(_COMBINED)]
+
 
 def _tasks(df: pd.DataFrame) -> list[str]:
     return [t for t in MAIN_METRIC if t in set(df["task"]) and MAIN_METRIC[t][0] in df.columns]
@@ -57,44 +90,22 @@ def _save(fig: plt.Figure, out: str | Path) -> Path:
 
 
 def quality_vs_size(summary: pd.DataFrame, out: str | Path) -> Path:
-    """One panel per task: headline metric against nominal model size, a colour per variant.
+    """One panel per task: headline metric against nominal model size, a colour per method, a
+    marker per model, every variant labelled (the size row of
+    :func:`~vlmopt.plots.tradeoffs.cost_figure`, with its Pareto front).
 
     The nominal size counts each weight at its bit width, so simulated quantization (whose file
     does not shrink) is placed where a real kernel would put it; the serialized size is in the table.
     """
-    tasks = _tasks(summary)
-    if not tasks:
-        raise ValueError("summary has no task with a headline metric to plot")
-    variants = sorted(summary["variant"].unique())
-    colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)}
-    models = sorted(summary["model"].unique())
-    marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        metric, label = MAIN_METRIC[task]
-        rows = summary[summary["task"] == task]
-        size = rows["nominal_size_bytes"] if "nominal_size_bytes" in rows else rows["size_bytes"]
-        for (_, r), nbytes in zip(rows.iterrows(), size, strict=True):
-            filled = r["ft"] != "none"
-            ax.scatter(
-                nbytes / 1e6,
-                r[metric],
-                color=colour[r["variant"]] if filled else "none",
-                edgecolors=colour[r["variant"]],
-                marker=marker[r["model"]],
-                s=60,
-                linewidths=1.5,
-            )
-        ax.set_xlabel("nominal size (MB, weights at their bit width)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{task}: quality vs size")
-        ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=colour[v], marker="o", linestyle="", label=v) for v in variants]
-    handles += [plt.Line2D([], [], color="gray", marker=marker[m], linestyle="", label=m) for m in models]
-    handles += [
-        plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="", label="not finetuned")
-    ]
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    from vlmopt.plots.tradeoffs import cost_figure
+
+    size = "nominal_size_bytes" if "nominal_size_bytes" in summary.columns else None
+    if size is None:
+        raise ValueError("summary has no nominal_size_bytes column")
+    fig = cost_figure(summary, costs=[size])
+    for ax in fig.axes:
+        if ax.get_title():
+            ax.set_title(f"{ax.get_title()}: quality vs size")
     return _save(fig, out)
 
 
@@ -103,17 +114,20 @@ def task_bars(summary: pd.DataFrame, out: str | Path) -> Path:
     tasks = _tasks(summary)
     if not tasks:
         raise ValueError("summary has no task with a headline metric to plot")
-    variants = sorted(summary["variant"].unique())
-    colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)}
-    keys = summary[["model", "ft", "variant"]].drop_duplicates().sort_values(["model", "ft", "variant"])
+    columns = ["model", "ft", "variant"] + (["method"] if "method" in summary.columns else [])
+    keys = summary[columns].drop_duplicates(["model", "ft", "variant"]).sort_values(["model", "ft", "variant"])
+    methods = keys["method"].fillna("none").astype(str) if "method" in keys else pd.Series("none", index=keys.index)
+    colours = [method_colour(m) for m in methods]
     names = [f"{r.model} / {r.ft} / {r.variant}" for r in keys.itertuples()]
     fig, axes = plt.subplots(
         1, len(tasks), figsize=(3.5 + 4 * len(tasks), 0.35 * len(names) + 1.5), squeeze=False, sharey=True
     )
     for ax, task in zip(axes[0], tasks, strict=True):
         metric, label = MAIN_METRIC[task]
-        values = keys.merge(summary[summary["task"] == task], on=["model", "ft", "variant"], how="left")[metric]
-        bars = ax.barh(range(len(names)), values.fillna(0), color=[colour[v] for v in keys["variant"]])
+        values = keys[["model", "ft", "variant"]].merge(
+            summary[summary["task"] == task], on=["model", "ft", "variant"], how="left"
+        )[metric]
+        bars = ax.barh(range(len(names)), values.fillna(0), color=colours)
         ax.bar_label(bars, labels=["" if pd.isna(v) else f"{v:.3g}" for v in values], fontsize=7, padding=2)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_xlabel(label)
@@ -121,4 +135,8 @@ def task_bars(summary: pd.DataFrame, out: str | Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
         ax.margins(x=0.12)
     axes[0][0].invert_yaxis()
+    handles = [
+        plt.Line2D([], [], color=method_colour(m), marker="s", linestyle="", label=m) for m in sorted(set(methods))
+    ]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="method")
     return _save(fig, out)

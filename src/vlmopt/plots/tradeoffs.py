@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlmopt.plots.static import MAIN_METRIC, MARKERS, PALETTE, _save, _tasks, plt
+from vlmopt.plots.labels import label_points
+from vlmopt.plots.static import MAIN_METRIC, MARKERS, _save, _tasks, method_colour, plt
 
 __all__ = ["COSTS", "cost_figure", "pareto_front", "quality_vs_cost"]
 
@@ -38,24 +39,6 @@ def pareto_front(cost: Sequence[float], quality: Sequence[float]) -> np.ndarray:
     return front
 
 
-def _label_front(ax: plt.Axes, x: np.ndarray, y: np.ndarray, names: np.ndarray, fontsize: float = 7) -> None:
-    """Label front points with their variant, best quality first, leaving out a label that would
-    overlap one already placed (its colour still names it in the legend)."""
-    ax.autoscale_view()
-    scale = ax.figure.dpi / 72
-    placed: list[tuple[float, float, float, float]] = []
-    for i in np.argsort(-y, kind="stable"):
-        px, py = ax.transData.transform((x[i], y[i]))
-        left, bottom = px + 4 * scale, py + 4 * scale
-        box = (left, bottom, left + 0.6 * fontsize * len(str(names[i])) * scale, bottom + 1.2 * fontsize * scale)
-        if any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
-            continue
-        placed.append(box)
-        ax.annotate(
-            names[i], (x[i], y[i]), xytext=(4, 4), textcoords="offset points", fontsize=fontsize, color="dimgray"
-        )
-
-
 def quality_vs_cost(summary: pd.DataFrame, out: str | Path) -> Path:
     """:func:`cost_figure` saved as a PNG."""
     return _save(cost_figure(summary), out)
@@ -67,28 +50,40 @@ def _simulated(rows: pd.DataFrame) -> pd.Series:
     return rows["simulated"].astype("boolean").fillna(False).astype(bool)
 
 
-def cost_figure(summary: pd.DataFrame) -> plt.Figure:
+def _methods(rows: pd.DataFrame) -> pd.Series:
+    if "method" not in rows.columns:
+        return pd.Series("none", index=rows.index)
+    return rows["method"].fillna("none").astype(str)
+
+
+def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> plt.Figure:
     """A grid of panels: one row per cost that the summary has values of, one column per task.
 
-    Each panel plots the task's headline metric against the cost, a colour per variant and a
-    marker per model (hollow when not finetuned); the Pareto front (cheapest for its quality) is
-    joined by a grey line and its points are labelled with their variant where the label does not
-    overlap another. Baselines (variant
-    ``baseline``) are ringed in black. Simulated variants (fake-quantized weights in float tensors)
-    have a dashed outline and a pale fill: their latency and energy are the dense model's, their
-    size is nominal.
+    ``costs`` picks the rows (default: every cost in :data:`COSTS` with values). Each panel plots
+    the task's headline metric against the cost, a colour per compression method (the same in
+    every figure, :func:`~vlmopt.plots.static.method_colour`) and a marker per model (hollow when
+    not finetuned); every point is labelled with its variant where a free place near it exists
+    (:func:`~vlmopt.plots.labels.label_points`; only the front's points in a panel of more than
+    60). The Pareto front (cheapest for its quality) is joined by a grey line and labelled first.
+    Baselines (variant ``baseline``) are ringed in black. Simulated variants (fake-quantized weights
+    in float tensors) have a dashed outline and a pale fill: their latency and energy are the dense
+    model's, their size is nominal.
     """
     tasks = _tasks(summary)
     if not tasks:
         raise ValueError("summary has no task with a headline metric to plot")
-    costs = [c for c in COSTS if c in summary.columns and summary[c].notna().any()]
+    wanted = list(COSTS) if costs is None else list(costs)
+    unknown = [c for c in wanted if c not in COSTS]
+    if unknown:
+        raise ValueError(f"unknown cost column(s) {unknown}; known: {list(COSTS)}")
+    costs = [c for c in wanted if c in summary.columns and summary[c].notna().any()]
     if not costs:
-        raise ValueError(f"summary has none of the cost columns {list(COSTS)} with values")
-    variants = sorted(summary["variant"].unique())
-    colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(variants)}
+        raise ValueError(f"summary has none of the cost columns {wanted} with values")
+    methods = sorted(set(_methods(summary)))
     models = sorted(summary["model"].unique())
     marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
-    fig, axes = plt.subplots(len(costs), len(tasks), figsize=(4.8 * len(tasks), 3.8 * len(costs)), squeeze=False)
+    fig, axes = plt.subplots(len(costs), len(tasks), figsize=(6.0 * len(tasks), 4.6 * len(costs)), squeeze=False)
+    to_label = []
     for row, cost in enumerate(costs):
         for col, task in enumerate(tasks):
             ax = axes[row][col]
@@ -97,12 +92,12 @@ def cost_figure(summary: pd.DataFrame) -> plt.Figure:
             x = rows[cost].astype(float) * _SCALE.get(cost, 1.0)
             y = rows[metric].astype(float)
             simulated = _simulated(rows)
-            for (_, r), xi, yi, sim in zip(rows.iterrows(), x, y, simulated, strict=True):
+            for (_, r), xi, yi, sim, method in zip(rows.iterrows(), x, y, simulated, _methods(rows), strict=True):
                 ax.scatter(
                     xi,
                     yi,
-                    color=colour[r["variant"]] if r["ft"] != "none" else "none",
-                    edgecolors=colour[r["variant"]],
+                    color=method_colour(method) if r["ft"] != "none" else "none",
+                    edgecolors=method_colour(method),
                     marker=marker[r["model"]],
                     s=55,
                     linewidths=1.5,
@@ -116,13 +111,14 @@ def cost_figure(summary: pd.DataFrame) -> plt.Figure:
             if on.any():
                 order = np.argsort(x.to_numpy()[on])
                 ax.plot(x.to_numpy()[on][order], y.to_numpy()[on][order], color="gray", linewidth=1, zorder=0)
-                _label_front(ax, x.to_numpy()[on], y.to_numpy()[on], rows["variant"].to_numpy()[on])
             ax.set_xlabel(COSTS[cost])
             ax.set_ylabel(label)
             if row == 0:
                 ax.set_title(task)
             ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=colour[v], marker="o", linestyle="", label=v) for v in variants]
+            ax.margins(0.12)
+            to_label.append((ax, x, y, rows["variant"].to_numpy(), on))
+    handles = [plt.Line2D([], [], color=method_colour(m), marker="o", linestyle="", label=m) for m in methods]
     handles += [plt.Line2D([], [], color="gray", marker=marker[m], linestyle="", label=m) for m in models]
     handles += [
         plt.Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="", label="not finetuned"),
@@ -130,7 +126,11 @@ def cost_figure(summary: pd.DataFrame) -> plt.Figure:
         plt.Line2D(
             [], [], color="black", marker="o", markersize=12, markerfacecolor="none", linestyle="", label="baseline"
         ),
-        plt.Line2D([], [], color="gray", linewidth=1, label="Pareto front (labelled)"),
+        plt.Line2D([], [], color="gray", linewidth=1, label="Pareto front"),
     ]
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    # Labels last: their places are computed on the final layout.
+    for ax, x, y, names, on in to_label:
+        label_points(ax, x, y, names, priority=on)
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title="method / model")
     return fig
