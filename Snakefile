@@ -24,9 +24,7 @@ rule all:
         "results/tables/scores.parquet",
         "results/tables/summary.parquet",
         "results/tables/efficiency.parquet",
-        "results/plots/quality_vs_size.png",
-        "results/plots/task_bars.png",
-        "results/plots/quality_vs_cost.png",
         "results/report/index.html",
-        # The profiling sweep's figure, in studies that sweep.
-        ["results/plots/scaling.png"] if SWEPT else [],
+        # The figures the study has data for (quality vs size and cost and the task bars always;
+        # drop-off, SVD, pruning, confusion, examples and the sweep's curves where it has them).
+        expand("results/plots/{figure}", figure=FIGURE_FILES),

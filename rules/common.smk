@@ -4,11 +4,13 @@ import re
 from snakemake.utils import validate
 
 from vlmopt.code_digest import stage_digest
+from vlmopt.report import FIGURE_INFO, figure_file
 from vlmopt.study import (
     canonical,
     check_study,
     evaluations,
     expand_grids,
+    planned_figures,
     profiled,
     swept,
 )
@@ -31,6 +33,8 @@ EVALUATIONS = evaluations(config)
 PROFILED = profiled(config)
 # (model, ft, variant, point) -> {axis, value}: one job per sweep point (vlmopt.profiling.sweep).
 SWEPT = swept(config)
+# Files of the report's figures that the study has data for (rule figure): svd.png, pruning.png ...
+FIGURE_FILES = [figure_file(name) for name in planned_figures(config)]
 # The study's profiling settings (what every profile measures with); DEFAULTS of
 # vlmopt.profiling.variant fill in the rest. The sweep's own keys reach only the sweep jobs.
 _SWEEP_KEYS = ("enabled", "sweep", "sweep_on", "compile_backend")
@@ -325,3 +329,17 @@ def generation_settings(wildcards):
 
 def task_generation(task):
     return canonical(GENERATION | INFERENCE.get("generation", {}).get(task, {}))
+
+
+def figure_name(wildcards):
+    """The figure of a `figure` job: its file name without the extension."""
+    return wildcards.figure.rsplit(".", 1)[0]
+
+
+def figure_caption(wildcards):
+    """What the figure shows and how to read it (vlmopt.report.FIGURE_INFO), for `snakemake --report`."""
+    return FIGURE_INFO[figure_name(wildcards)][0]
+
+
+def figure_category(wildcards):
+    return FIGURE_INFO[figure_name(wildcards)][1]

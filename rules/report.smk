@@ -20,56 +20,36 @@ rule tables:
         "../workflow/scripts/tables.py"
 
 
-rule plots:
+# The report's figures, those the study has data for (vlmopt.study.planned_figures): quality
+# against size and cost, the bit-width drop-off and its interactive 3-D view, SVD, pruning, the task
+# bars, the real-vs-generated confusion matrices, the before/after examples and the profiling
+# sweep's curves; one job each, captions and categories from vlmopt.report.FIGURE_INFO.
+rule figure:
     input:
         summary="results/tables/summary.parquet",
-    output:
-        report(
-            "results/plots/quality_vs_size.png",
-            caption="../workflow/report/quality_vs_size.rst",
-            category="Trade-offs",
-        ),
-        report(
-            "results/plots/task_bars.png",
-            caption="../workflow/report/task_bars.rst",
-            category="Quality",
-        ),
-        report(
-            "results/plots/quality_vs_cost.png",
-            caption="../workflow/report/quality_vs_cost.rst",
-            category="Trade-offs",
-        ),
-    log:
-        "logs/plots/plots.log",
-    conda:
-        "../workflow/envs/vlmopt.yaml"
-    params:
-        # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=code("plots"),
-    script:
-        "../workflow/scripts/plots.py"
-
-
-# The profiling sweep's curves (numeric axes) and bars (dtype, attention, compile); only in studies
-# with a profiling.sweep.
-rule scaling:
-    input:
+        variants="results/tables/variants.parquet",
         efficiency="results/tables/efficiency.parquet",
     output:
         report(
-            "results/plots/scaling.png",
-            caption="../workflow/report/scaling.rst",
-            category="Efficiency",
+            "results/plots/{figure}",
+            caption="../workflow/report/figure.rst",
+            category=figure_category,
         ),
     log:
-        "logs/plots/scaling.log",
+        "logs/plots/{figure}.log",
+    wildcard_constraints:
+        figure=_alternatives(FIGURE_FILES),
     conda:
         "../workflow/envs/vlmopt.yaml"
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
-        code=code("scaling"),
+        code=code("figure"),
+        caption=figure_caption,
+        # The before/after examples read the predictions and the test images.
+        predictions="results/predictions",
+        data="resources/data",
     script:
-        "../workflow/scripts/scaling.py"
+        "../workflow/scripts/figure.py"
 
 
 # The study's report (vlmopt.report): one self-contained HTML page with every figure the tables
@@ -91,5 +71,7 @@ rule html_report:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
         code=code("html_report"),
         study=canonical(config),
+        predictions="results/predictions",
+        data="resources/data",
     script:
         "../workflow/scripts/report.py"

@@ -64,13 +64,36 @@ def _tables(folder: Path, *, sweep: bool = True, steps: bool = True) -> Path:
                                     "sweep_value": str(b),
                                 }
                             )
+    # Model a also has two SVD variants (ratio 0.5 in 1 or 2 layers) and a pruned one.
+    for variant, step in {
+        "svd-n1": {"method": "svd", "ratio": 0.5, "n_layers": 1, "part": "vision"},
+        "svd-n2": {"method": "svd", "ratio": 0.5, "n_layers": 2, "part": "vision"},
+        "prune": {"method": "prune_layers", "drop_last": 1, "part": "language"},
+    }.items():
+        keys = {"model": "a", "ft": "none", "variant": variant}
+        variants.append({**keys, "step": 0, **step})
+        summary.append(
+            {**keys, "task": "captioning", "dataset": "d", "CIDEr": 40.0, "method": step["method"]}
+            | {"nominal_size_bytes": 3e6, "size_bytes": 3e6, "simulated": False}
+            | {"latency_ms_per_sample_p50": 8.0, "gflops_per_sample": 0.4}
+        )
+        scores.append({**keys, "task": "captioning", "dataset": "d", "metric": "CIDEr", "value": 40.0})
+    for variant, params in (("baseline", 1e6), ("prune", 8e5)):
+        efficiency.append(
+            {"model": "a", "ft": "none", "variant": variant, "task": "captioning", "dataset": "d"}
+            | {"measure": "params", "value": params}
+        )
     # A real-vs-generated classifier with its confusion counts.
     cm = {"cm_real_as_real": 9, "cm_real_as_generated": 1, "cm_generated_as_generated": 10}
     keys = {"model": "a", "ft": "realgen", "variant": "baseline", "task": "real_vs_generated", "dataset": "g"}
     summary.append({**keys, "accuracy": 95.0, "method": "none", **cm})
     scores.append({**keys, "metric": "accuracy", "value": 95.0, "git_sha": "abc123"})
-    scores = pd.DataFrame(scores).assign(
-        vlmopt_version="0.1.0", torch_version="2.x", transformers_version="5.x", created_at="2026-01-01T00:00:00"
+    scores = (
+        pd.DataFrame(scores)
+        .assign(git_sha="abc123")
+        .assign(
+            vlmopt_version="0.1.0", torch_version="2.x", transformers_version="5.x", created_at="2026-01-01T00:00:00"
+        )
     )
     write_parquet(pa.Table.from_pandas(pd.DataFrame(summary), preserve_index=False), folder / "summary.parquet")
     write_parquet(pa.Table.from_pandas(scores, preserve_index=False), folder / "scores.parquet")
@@ -86,21 +109,62 @@ def _tables(folder: Path, *, sweep: bool = True, steps: bool = True) -> Path:
     return folder
 
 
+def _examples(root: Path) -> tuple[Path, Path]:
+    """A test split of dataset d (three 16 x 16 images with references) and captions of model a's
+    variants; returns the predictions and data folders."""
+    from PIL import Image
+
+    data = root / "data"
+    (data / "d" / "images").mkdir(parents=True)
+    rows = []
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (16, 16), colour).save(data / "d" / "images" / f"{i}.png")
+        rows.append({"sample_id": f"s{i}", "image": f"images/{i}.png", "references": [f"a {colour} square"]})
+    pd.DataFrame(rows).to_parquet(data / "d" / "test.parquet")
+    predictions = root / "predictions"
+    for variant in (*VARIANTS, "svd-n1", "svd-n2", "prune"):
+        folder = predictions / "a" / "none" / variant / "captioning" / "d"
+        folder.mkdir(parents=True)
+        texts = [f"{variant} says {c}" for c in ("red", "green", "blue")]
+        pd.DataFrame({"sample_id": ["s0", "s1", "s2"], "prediction": texts, "error": [None] * 3}).to_parquet(
+            folder / "predictions.parquet"
+        )
+    return predictions, data
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tables = _tables(tmp_path_factory.mktemp("tables"))
-    return build_report(tables, tmp_path_factory.mktemp("report"), config={"study": "synthetic", "seed": 0})
+    predictions, data = _examples(tmp_path_factory.mktemp("outputs"))
+    return build_report(
+        tables,
+        tmp_path_factory.mktemp("report"),
+        config={"study": "synthetic", "seed": 0},
+        predictions=predictions,
+        data=data,
+    )
+
+
+#: The figures embedded as PNG (the 3-D drop-off is a page of its own, linked).
+PNGS = [name for name in FIGURES if name != "dropoff_3d"]
 
 
 def test_report_has_every_figure_table_and_provenance(report):
     page = report.read_text()
     for name in FIGURES:
         assert f'id="fig-{name}"' in page, name
-    assert page.count("data:image/png;base64,") == len(FIGURES)
+    assert page.count("data:image/png;base64,") == len(PNGS)
     assert "Figures without data" not in page
-    # Every configuration: 2 models x 3 variants x 2 tasks and the classifier, in the page and the CSV.
+    assert 'href="dropoff_3d.html"' in page and (report.parent / "dropoff_3d.html").stat().st_size > 1_000_000
+    # Every configuration: 2 models x 3 variants x 2 tasks, a's 3 more, and the classifier.
     table = pd.read_csv(report.parent / "configurations.csv")
-    assert len(table) == 13 and page.count('<tr><td class="" data-sort="a">a</td>') == 7
+    assert len(table) == 16 and sum(r["model"] == "a" for r in _html_rows(page, "variants")) == 10
+    # The pruning table: a's baseline and its pruned variant, parameters 20 % fewer.
+    pruning = _html_rows(page, "pruning")
+    assert [(r["variant"], float(r["params"]), round(float(r["params change (%)"]), 6)) for r in pruning] == [
+        ("baseline", 1e6, 0.0),
+        ("prune", 8e5, -20.0),
+    ]
     assert list(table.columns[:8]) == ["model", "ft", "variant", "method", "task", "dataset", "metric", "value"]
     assert "nominal size (MB)" in table.columns and table["nominal size (MB)"].max() == pytest.approx(8.0)
     for name in ("summary", "variants", "efficiency", "scores"):
@@ -135,7 +199,9 @@ def test_figures_without_data_are_named(tmp_path):
     page = build_report(tables, tmp_path / "report").read_text()
     assert 'id="fig-scaling"' not in page and 'id="fig-quality_vs_bits"' not in page
     assert "scaling: the efficiency table has no sweep rows" in page
-    assert "quality_vs_bits: no variants.parquet in" in page
+    assert "quality_vs_bits: no variants (expected variants.parquet" in page
+    # No predictions beside these tables: the examples are named too.
+    assert "examples: no before/after examples could be drawn" in page
     with pytest.raises(FileNotFoundError, match="summary.parquet does not exist"):
         build_report(tmp_path / "nowhere", tmp_path / "report")
 
@@ -194,7 +260,7 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
     for name in FIGURES:
         assert f'id="fig-{name}"' in dom, name
     # The page's own load handler counts the images the browser decoded.
-    assert f'data-images-loaded="{len(FIGURES)}"' in dom
+    assert f'data-images-loaded="{len(PNGS)}"' in dom
     shot = tmp_path / "report.png"
     taken = subprocess.run(
         [*common, "--window-size=1400,3000", f"--screenshot={shot}", url], capture_output=True, text=True, timeout=180

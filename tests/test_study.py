@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlmopt.study import StudyError, canonical, check_variant_steps, expand_grids, grid_slug
+from vlmopt.study import StudyError, canonical, check_variant_steps, expand_grids, grid_slug, planned_figures
 
 
 def _grid(**spec):
@@ -135,3 +135,44 @@ def test_bad_sweeps_name_the_key(profiling, match):
 
     with pytest.raises(StudyError, match=match):
         check_study(_swept_study(**profiling))
+
+
+def _figures_of(variants, tasks, sweep=None):
+    config = {
+        "variants": variants,
+        "runs": [{"models": ["m"], "finetune": ["none"], "variants": sorted(variants), "tasks": tasks}],
+        "profiling": {"sweep": sweep} if sweep else {},
+    }
+    return planned_figures(config)
+
+
+def test_planned_figures_follow_the_study_settings():
+    always = ["quality_vs_size", "quality_vs_cost", "task_bars"]
+    # Retrieval with a baseline only: the three figures every study has, nothing else.
+    assert _figures_of({"baseline": []}, {"retrieval": "d"}) == always
+    # A single-step weight quantization: the drop-off and its 3-D view; captioning: the examples.
+    assert _figures_of({"baseline": [], "w4": [{"method": "gptq", "bits": 4}]}, {"captioning": "d"}) == [
+        "quality_vs_size",
+        "quality_vs_cost",
+        "quality_vs_bits",
+        "dropoff_3d",
+        "task_bars",
+        "examples",
+    ]
+    # Weight-and-activation quantization is on the drop-off's lines but not in the 3-D view (its
+    # activations change too); SVD after pruning is neither the SVD figure's nor without pruning.
+    w8a8 = [{"method": "uniform", "bits": 8, "activation_bits": 8}]
+    prune_svd = [{"method": "prune_layers", "drop_last": 1}, {"method": "svd", "ratio": 0.5}]
+    assert _figures_of({"w8a8": w8a8, "p": prune_svd}, {"classification": "d"}) == [
+        "quality_vs_size",
+        "quality_vs_cost",
+        "quality_vs_bits",
+        "pruning",
+        "task_bars",
+    ]
+    # A single SVD step, a real-vs-generated task and a sweep.
+    assert _figures_of(
+        {"baseline": [], "svd": [{"method": "svd", "ratio": 0.5}]},
+        {"real_vs_generated": "d"},
+        sweep={"batch_size": [1, 2]},
+    ) == ["quality_vs_size", "quality_vs_cost", "svd", "task_bars", "confusion", "examples", "scaling"]

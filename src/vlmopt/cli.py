@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for index.html and the tables it links")
     p.add_argument("--config", type=Path, help="the study file, shown in the report")
     p.add_argument(
+        "--predictions",
+        type=Path,
+        help="folder of the predictions, for the before/after examples (default: predictions beside --tables)",
+    )
+    p.add_argument(
+        "--data", type=Path, default=Path("resources/data"), help="folder of the prepared datasets (their images)"
+    )
+    p.add_argument(
         "--budget",
         action="append",
         default=[],
@@ -206,7 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         from vlmopt.report import build_report
 
         config = yaml.safe_load(args.config.read_text()) if args.config else None
-        print(build_report(args.tables, args.out, config=config, budgets=_budgets(args.budget)))
+        report = build_report(
+            args.tables,
+            args.out,
+            config=config,
+            budgets=_budgets(args.budget),
+            predictions=args.predictions,
+            data=args.data,
+        )
+        print(report)
     return 0
 
 

@@ -34,9 +34,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "profile": ("profile_variant",),
     "sweep": ("profile_variant",),
     "tables": ("build_tables",),
-    "plots": ("build_plots",),
-    "scaling": ("build_scaling_plot",),
     "html_report": ("build_html_report",),
+    "figure": ("build_figure",),
 }
 
 _PACKAGE = "vlmopt"

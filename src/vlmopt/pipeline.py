@@ -687,18 +687,32 @@ def build_plots(summary: str | Path, out_dir: str | Path) -> list[Path]:
     ]
 
 
-def build_scaling_plot(efficiency: str | Path, out: str | Path) -> Path:
-    """The profiling sweep's figure (:func:`vlmopt.plots.scaling.scaling_curves`) from ``efficiency.parquet``."""
-    from vlmopt.plots.scaling import scaling_curves
-
-    return scaling_curves(pd.read_parquet(efficiency), out)
-
-
-def build_html_report(tables: str | Path, out: str | Path, study: dict[str, Any] | None = None) -> Path:
+def build_html_report(
+    tables: str | Path,
+    out: str | Path,
+    study: dict[str, Any] | None = None,
+    *,
+    predictions: str | Path | None = None,
+    data: str | Path | None = None,
+) -> Path:
     """The study's HTML report (:func:`vlmopt.report.build_report`) in ``out/index.html``."""
     from vlmopt.report import build_report
 
-    return build_report(tables, out, config=study)
+    return build_report(tables, out, config=study, predictions=predictions, data=data)
+
+
+def build_figure(
+    name: str,
+    tables: str | Path,
+    out: str | Path,
+    *,
+    predictions: str | Path | None = None,
+    data: str | Path | None = None,
+) -> Path:
+    """One figure of the report (:func:`vlmopt.report.draw_figure`) from the tables in ``tables``."""
+    from vlmopt.report import draw_figure
+
+    return draw_figure(name, tables, out, predictions=predictions, data=data)
 
 
 def start_job(log_path: str | Path, threads: int = 1) -> None:

@@ -62,56 +62,177 @@ TABLE_HEADERS = {
 }
 
 
-def _figures() -> dict[str, tuple[str, Callable[..., Any], tuple[str, ...]]]:
-    """Figure name -> (caption, plot function, the tables it is drawn from, in argument order)."""
+#: Figure name -> (caption, category, file type). The captions say what each figure shows and how
+#: to read it; the HTML report and Snakemake's report (rule ``figure``) both use them.
+FIGURE_INFO: dict[str, tuple[str, str, str]] = {
+    "quality_vs_size": (
+        "Quality against nominal size: the headline metric of each task against the size of the weights "
+        "at their bit width. Colours are compression methods (the same in every figure), markers models, "
+        "hollow markers not finetuned; every variant is labelled (points on top of each other share a "
+        "label); the grey line is the Pareto front, baselines are ringed.",
+        "Trade-offs",
+        "png",
+    ),
+    "quality_vs_cost": (
+        "Quality against each measured cost (latency, size, FLOPs, energy) with the Pareto front (grey "
+        "line): the variants no other variant beats on both quality and that cost. Colours are compression "
+        "methods, markers models; every variant is labelled (only the front's past 60 points in a panel). "
+        "Baselines are ringed in black; simulated (fake-quantized) variants are pale with a dashed outline, "
+        "since their latency and energy are the dense model's.",
+        "Trade-offs",
+        "png",
+    ),
+    "quality_vs_bits": (
+        "Drop-off: quality against the weights' bit width, one line per model, quantizer, part and "
+        "position (colour: quantizer; line style: part and position; marker: model); the dashed grey lines "
+        "are the unquantized baselines.",
+        "Quantization",
+        "png",
+    ),
+    "dropoff_3d": (
+        "The drop-off in three dimensions (interactive, opens in a browser): each weight-quantized variant "
+        "at its bits of the vision encoder, the bridge and the language model (32 = not quantized), "
+        "coloured by the headline metric; choose the task in the menu, drag to turn, hover for the variant.",
+        "Quantization",
+        "html",
+    ),
+    "svd": (
+        "Low-rank (SVD) variants: the headline metric (and top-5 for classification) against the ratio of "
+        "parameters kept and the number of layers factorized, as a heat map (blank: not evaluated) and as "
+        "lines, one per number of layers, with the unfactorized baseline dashed.",
+        "Low rank",
+        "png",
+    ),
+    "pruning": (
+        "Pruning variants next to their baseline: the headline metric, parameters (with the change from the "
+        "baseline), latency per sample and FLOPs per sample, one bar per variant coloured by method; the "
+        "dashed line marks the baseline's value.",
+        "Pruning",
+        "png",
+    ),
+    "task_bars": (
+        "The headline metric of every model, finetuning and variant, per task, coloured by compression method.",
+        "Quality",
+        "png",
+    ),
+    "confusion": (
+        "Real vs generated: what each classifier answered (columns) for real and generated test images "
+        "(rows), as counts and shares of the true class; unparsed answers name neither class.",
+        "Quality",
+        "png",
+    ),
+    "examples": (
+        "Before and after: sample test images with the reference (caption, question and answer, or true "
+        "class) and the output of the baseline and of chosen variants (the best and the worst compressed "
+        "one by the headline metric) side by side; answers are marked right or wrong where a task has one "
+        "answer. Images where the variants disagree come first.",
+        "Quality",
+        "png",
+    ),
+    "scaling": (
+        "The profiling sweep: latency, FLOPs (and energy, memory) per sample against image size, prompt "
+        "length and batch size, and per dtype, attention implementation and torch.compile; colours here "
+        "are the profiled models and variants.",
+        "Efficiency",
+        "png",
+    ),
+}
+
+#: Figure names, in the report's order.
+FIGURES = tuple(FIGURE_INFO)
+
+
+def _figures() -> dict[str, tuple[Callable[..., Any], tuple[str, ...]]]:
+    """Figure name -> (plot function, what it is drawn from, in argument order): tables by name, or
+    the ``predictions`` and ``data`` folders."""
     from vlmopt.plots import quality_vs_cost, quality_vs_size, task_bars
     from vlmopt.plots.confusion import confusion_matrices
     from vlmopt.plots.dropoff import quality_vs_bits
+    from vlmopt.plots.examples import before_after
+    from vlmopt.plots.interactive import dropoff_3d
+    from vlmopt.plots.pruning import pruning_plot
     from vlmopt.plots.scaling import scaling_curves
+    from vlmopt.plots.svd import quality_vs_svd
 
     return {
-        "quality_vs_size": (
-            "Quality against nominal size: the headline metric of each task against the size of the "
-            "weights at their bit width; colours are variants, markers models, hollow markers not finetuned.",
-            quality_vs_size,
-            ("summary",),
-        ),
-        "quality_vs_cost": (
-            "Quality against each measured cost (latency, size, FLOPs, energy) with the Pareto front "
-            "(grey line, its points labelled): the variants no other variant beats on both quality and that "
-            "cost. Baselines are ringed in black; simulated (fake-quantized) variants are pale with a dashed "
-            "outline, since their latency and energy are the dense model's.",
-            quality_vs_cost,
-            ("summary",),
-        ),
-        "quality_vs_bits": (
-            "Drop-off: quality against the weights' bit width, one line per model, quantizer, part and "
-            "position; the dashed lines are the unquantized baselines.",
-            quality_vs_bits,
-            ("summary", "variants"),
-        ),
-        "task_bars": (
-            "The headline metric of every model, finetuning and variant, per task.",
-            task_bars,
-            ("summary",),
-        ),
-        "confusion": (
-            "Real vs generated: what each classifier answered (columns) for real and generated test images "
-            "(rows), as counts and shares of the true class; unparsed answers name neither class.",
-            confusion_matrices,
-            ("summary",),
-        ),
-        "scaling": (
-            "The profiling sweep: latency, FLOPs (and energy, memory) per sample against image size, "
-            "prompt length and batch size, and per dtype, attention implementation and torch.compile.",
-            scaling_curves,
-            ("efficiency",),
-        ),
+        "quality_vs_size": (quality_vs_size, ("summary",)),
+        "quality_vs_cost": (quality_vs_cost, ("summary",)),
+        "quality_vs_bits": (quality_vs_bits, ("summary", "variants")),
+        "dropoff_3d": (dropoff_3d, ("summary", "variants")),
+        "svd": (quality_vs_svd, ("summary", "variants")),
+        "pruning": (pruning_plot, ("summary", "variants", "efficiency")),
+        "task_bars": (task_bars, ("summary",)),
+        "confusion": (confusion_matrices, ("summary",)),
+        "examples": (before_after, ("summary", "predictions", "data")),
+        "scaling": (scaling_curves, ("efficiency",)),
     }
 
 
-#: Figure names, in the report's order.
-FIGURES = ("quality_vs_size", "quality_vs_cost", "quality_vs_bits", "task_bars", "confusion", "scaling")
+def figure_file(name: str) -> str:
+    """The file name of a figure: ``<name>.png``, or ``<name>.html`` for the interactive ones."""
+    if name not in FIGURE_INFO:
+        raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    return f"{name}.{FIGURE_INFO[name][2]}"
+
+
+def _load_tables(tables: Path) -> dict[str, pd.DataFrame | None]:
+    return {name: _read(tables / f"{name}.parquet") for name in ("summary", "variants", "efficiency", "scores")}
+
+
+def _draw(
+    name: str, loaded: dict[str, Any], out: Path, figures: dict[str, tuple[Callable[..., Any], tuple[str, ...]]]
+) -> Path:
+    """Draw one figure into ``out``; ValueError (naming why) when there is nothing to draw."""
+    draw, needs = figures[name]
+    absent = [t for t in needs if loaded.get(t) is None]
+    if absent:
+        raise ValueError(f"no {absent[0]} (expected {absent[0]}.parquet or folder) for this figure")
+    return draw(*(loaded[t] for t in needs), out)
+
+
+def draw_figure(
+    name: str,
+    tables: str | Path,
+    out: str | Path,
+    *,
+    predictions: str | Path | None = None,
+    data: str | Path | None = None,
+) -> Path:
+    """Draw figure ``name`` from the tables in ``tables`` into the file ``out`` (rule ``figure``).
+
+    A figure the tables turn out to have no data for (the study planned it from its settings, but,
+    say, every score of those variants is missing) is still written, as a page that says why, so
+    that the rest of the study's outputs stand; the reason is logged as a warning.
+    """
+    tables, out = Path(tables), Path(out)
+    loaded: dict[str, Any] = _load_tables(tables)
+    loaded["predictions"] = Path(predictions) if predictions is not None else tables.parent / "predictions"
+    loaded["data"] = Path(data) if data is not None else Path("resources/data")
+    try:
+        return _draw(name, loaded, out, {name: _figures()[name]})
+    except ValueError as exc:
+        log.warning("figure %s has no data: %s", name, exc)
+        return _placeholder(name, str(exc), out)
+
+
+def _placeholder(name: str, reason: str, out: Path) -> Path:
+    """A figure file that says it has nothing to show, and why."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".html":
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title></head>"
+            f"<body><p>{html.escape(name)}: no data in this study ({html.escape(reason)}).</p></body></html>",
+            encoding="utf-8",
+        )
+        tmp.replace(out)
+        return out
+    from vlmopt.plots.static import _save, plt
+
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.axis("off")
+    ax.text(0.0, 0.5, f"{name}: no data in this study\n{reason}", va="center", fontsize=9, wrap=True)
+    return _save(fig, out)
 
 
 def variant_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -217,44 +338,53 @@ def build_report(
     config: dict[str, Any] | None = None,
     budgets: dict[str, list[float]] | None = None,
     title: str | None = None,
+    predictions: str | Path | None = None,
+    data: str | Path | None = None,
 ) -> Path:
     """Write ``out/index.html`` (and the tables beside it) from the tables in ``tables``; return the page.
 
     ``config`` is the study (shown as YAML); ``budgets`` maps a cost column to its limits
-    (default :func:`budget_limits`). A figure the tables have no data for is left out and named.
+    (default :func:`budget_limits`). ``predictions`` and ``data`` are the folders of the predictions
+    and of the prepared datasets, for the before/after examples (default: ``predictions`` beside
+    ``tables``, and ``resources/data``). A figure the tables have no data for is left out and named.
+    The interactive 3-D drop-off is a page of its own beside the report, linked from it.
     """
     from vlmopt.plots.budget import best_under_budget
 
     tables, out = Path(tables), Path(out)
-    summary = _read(tables / "summary.parquet")
+    loaded: dict[str, Any] = _load_tables(tables)
+    summary = loaded["summary"]
     if summary is None:
         raise FileNotFoundError(f"{tables / 'summary.parquet'} does not exist: run the tables stage first")
-    loaded = {
-        "summary": summary,
-        "variants": _read(tables / "variants.parquet"),
-        "efficiency": _read(tables / "efficiency.parquet"),
-        "scores": _read(tables / "scores.parquet"),
-    }
+    loaded["predictions"] = Path(predictions) if predictions is not None else tables.parent / "predictions"
+    loaded["data"] = Path(data) if data is not None else Path("resources/data")
     out.mkdir(parents=True, exist_ok=True)
     sections, missing = [], []
     with tempfile.TemporaryDirectory() as tmp:
         figures = _figures()
         for name in FIGURES:
-            caption, draw, needs = figures[name]
-            absent = [t for t in needs if loaded[t] is None]
-            if absent:
-                missing.append(f"{name}: no {absent[0]}.parquet in {tables}")
-                continue
+            caption, _, kind = FIGURE_INFO[name]
+            target = (out if kind == "html" else Path(tmp)) / figure_file(name)
             try:
-                path = draw(*(loaded[t] for t in needs), Path(tmp) / f"{name}.png")
+                path = _draw(name, loaded, target, figures)
             except ValueError as exc:  # the plot functions' "nothing to draw"
                 missing.append(f"{name}: {exc}")
                 log.info("report leaves out %s: %s", name, exc)
+                if kind == "html":
+                    target.unlink(missing_ok=True)  # a page from an earlier report with data
+                continue
+            if kind == "html":
+                sections.append(
+                    f'<figure id="fig-{name}"><p><a href="{path.name}">{html.escape(path.name)}</a> '
+                    f"(interactive, {path.stat().st_size / 1e6:.1f} MB, works offline)</p>"
+                    f"<figcaption><b>{name}</b>: {html.escape(caption)}</figcaption></figure>"
+                )
                 continue
             sections.append(
                 f'<figure id="fig-{name}"><img src="{_png(path)}" alt="{name}">'
                 f"<figcaption><b>{name}</b>: {html.escape(caption)}</figcaption></figure>"
             )
+    pruning_html = _pruning_section(loaded)
     table = variant_table(summary)
     table.to_csv(out / "configurations.csv", index=False)
     for name in ("summary", "variants", "efficiency", "scores"):
@@ -292,6 +422,7 @@ Tables: <a href="configurations.csv">configurations.csv</a> (the table below),
 counts each weight at its bit width, the file size is what is saved. Simulated variants keep the dense
 model's latency (their weights are fake-quantized in float tensors).</p>
 {_html_table(table, "variants")}
+{pruning_html}
 <h2>Best configuration under a budget</h2>
 <p>Per task, the configuration with the best headline metric whose cost is at most the limit
 (limits: {", ".join(f"{f:g}" for f in BUDGET_FRACTIONS)} of the most expensive baseline's cost, unless given);
@@ -307,6 +438,27 @@ model's latency (their weights are fake-quantized in float tensors).</p>
     tmp_index.write_text(page, encoding="utf-8")
     tmp_index.replace(index)
     return index
+
+
+def _pruning_section(loaded: dict[str, Any]) -> str:
+    """The pruning variants' table (metrics, parameters, latency, FLOPs), where the study has any."""
+    from vlmopt.plots.pruning import pruning_table
+
+    if loaded.get("variants") is None:
+        return ""
+    table = pruning_table(loaded["summary"], loaded["variants"], loaded.get("efficiency"))
+    if table.empty:
+        return ""
+    headers = {
+        "params_change": "params change (%)",
+        "latency_ms_per_sample_p50": "latency (ms/sample)",
+        "gflops_per_sample": "GFLOP/sample",
+    }
+    return (
+        "<h2>Pruning</h2><p>Each pruning variant next to its baseline: the task's metrics, parameters "
+        "(and their change from the baseline), latency and FLOPs per sample.</p>"
+        + _html_table(table.rename(columns=headers), "pruning")
+    )
 
 
 def _links(out: Path) -> str:

@@ -26,6 +26,7 @@ __all__ = [
     "check_variant_steps",
     "evaluations",
     "expand_grids",
+    "planned_figures",
     "grid_slug",
     "profiled",
     "swept",
@@ -212,6 +213,42 @@ def evaluations(config: dict[str, Any]) -> list[Evaluation]:
                     for task, dataset in run["tasks"].items():
                         out.add(Evaluation(model, ft, variant, task, dataset))
     return sorted(out)
+
+
+#: Tasks whose predictions are text a reader can compare (the before/after examples).
+GENERATIVE_TASKS = ("captioning", "vqa", "real_vs_generated")
+_QUANTIZERS = ("uniform", "gptq", "awq")
+_PRUNERS = ("prune_layers", "prune_heads")
+
+
+def planned_figures(config: dict[str, Any]) -> list[str]:
+    """The report's figures (rule ``figure``) that the study will have data for, judged from its
+    settings (grids expanded), in the report's order: quality against size and cost and the task bars
+    always; the drop-off with a single-step weight quantization, its 3-D view with variants of weight
+    quantization only, SVD with a single SVD step, pruning with a layer- or head-pruning step, the
+    confusion matrices with a real-vs-generated task, the before/after examples with a generative
+    task, and the sweep's curves with a profiling sweep."""
+    evals = evaluations(config)
+    tasks = {e.task for e in evals}
+    steps = [config["variants"].get(v) or [] for v in sorted({e.variant for e in evals})]
+    methods = [[step.get("method") for step in s] for s in steps]
+    weight_only = any(
+        s and all(step.get("method") in _QUANTIZERS and step.get("activation_bits") is None for step in s)
+        for s in steps
+    )
+    planned = {
+        "quality_vs_size": True,
+        "quality_vs_cost": True,
+        "quality_vs_bits": any(len(m) == 1 and m[0] in _QUANTIZERS for m in methods),
+        "dropoff_3d": weight_only,
+        "svd": any(m == ["svd"] for m in methods),
+        "pruning": any(set(m) & set(_PRUNERS) for m in methods),
+        "task_bars": True,
+        "confusion": "real_vs_generated" in tasks,
+        "examples": bool(tasks & set(GENERATIVE_TASKS)),
+        "scaling": bool(swept(config)),
+    }
+    return [name for name, wanted in planned.items() if wanted]
 
 
 def profiled(config: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, str]]:

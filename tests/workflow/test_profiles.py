@@ -10,7 +10,7 @@ from .conftest import REPO, run_snakemake
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 GPU_RULES = ("finetune", "compress", "infer", "label_dataset", "profile", "sweep")
-CPU_RULES = ("score", "tables", "plots", "scaling", "prepare_dataset", "build_model")
+CPU_RULES = ("score", "tables", "figure", "html_report", "prepare_dataset", "build_model")
 
 
 def _resources_by_rule(dry_run_output: str) -> dict[str, list[str]]:
@@ -25,7 +25,7 @@ def _resources_by_rule(dry_run_output: str) -> dict[str, list[str]]:
 
 def test_slurm_profile_places_rules(workdir):
     # The miniature study turns profiling off; on here, with a sweep, so that the profile, sweep and
-    # scaling rules are placed too.
+    # figure of the sweep's curves are placed too.
     study = yaml.safe_load((workdir / "study.yaml").read_text())
     study["profiling"].update(enabled=True, sweep={"batch_size": [1, 2]}, sweep_on={"variants": ["baseline"]})
     (workdir / "study.yaml").write_text(yaml.safe_dump(study))

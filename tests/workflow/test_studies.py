@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from vlmopt.compress import apply_variant, parse_step, step_datasets
-from vlmopt.study import check_study, evaluations, expand_grids
+from vlmopt.study import check_study, evaluations, expand_grids, planned_figures
 
 from .conftest import REPO, run_snakemake
 
@@ -477,9 +477,9 @@ def _expected_jobs(config: dict) -> dict[str, int]:
         # One job per sweep value for each profiled variant that sweep_on picks, and their figure.
         "sweep": sweeps,
         "tables": 1,
-        "plots": 1,
+        # One job per figure the study has data for (the sweep's curves only with sweep jobs).
+        "figure": len([f for f in planned_figures(config) if f != "scaling"]) + (1 if sweeps else 0),
         "html_report": 1,
-        "scaling": 1 if sweeps else 0,
         "all": 1,
     }
     return {rule: n for rule, n in jobs.items() if n}

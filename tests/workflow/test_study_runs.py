@@ -77,12 +77,19 @@ def test_tables_and_plots_are_complete(finished_study):
     assert efficiency.empty and "measure" in efficiency.columns
     assert scores["git_sha"].notna().all() and scores["config_hash"].str.len().eq(16).all()
     assert (scores["n_samples"] == 12).all()
-    for png in ("quality_vs_size.png", "task_bars.png", "quality_vs_cost.png"):
-        assert (finished_study / "results/plots" / png).stat().st_size > 10_000
+    # One file per figure the study has data for (no sweep, SVD or pruning here), none other.
+    figures = ["quality_vs_size", "quality_vs_cost", "quality_vs_bits", "task_bars", "confusion", "examples"]
+    for png in figures:
+        assert (finished_study / "results/plots" / f"{png}.png").stat().st_size > 10_000
+    assert (finished_study / "results/plots/dropoff_3d.html").stat().st_size > 1_000_000
+    assert sorted(p.name for p in (finished_study / "results/plots").iterdir()) == sorted(
+        [f"{f}.png" for f in figures] + ["dropoff_3d.html"]
+    )
     # The HTML report: every figure with data (no sweep here), every configuration, the study file.
     page = (finished_study / "results/report/index.html").read_text()
-    for figure in ("quality_vs_size", "quality_vs_cost", "quality_vs_bits", "task_bars", "confusion"):
+    for figure in [*figures, "dropoff_3d"]:
         assert f'id="fig-{figure}"' in page, figure
+    assert (finished_study / "results/report/dropoff_3d.html").is_file()
     assert "scaling: the efficiency table has no sweep rows" in page
     assert len(pd.read_csv(finished_study / "results/report/configurations.csv")) == len(summary)
     assert "study: shapes-test" in page
@@ -118,7 +125,7 @@ def test_changing_one_variant_reruns_only_its_chain(finished_study, tmp_path):
         "gather_predictions": 8,
         "score": 8,
         "tables": 1,
-        "plots": 1,
+        "figure": 7,
         "html_report": 1,
         "all": 1,
     }
@@ -141,7 +148,7 @@ def test_changing_a_task_setting_reruns_only_that_task(finished_study, tmp_path)
         "gather_predictions": 8,
         "score": 8,
         "tables": 1,
-        "plots": 1,
+        "figure": 7,
         "html_report": 1,
         "all": 1,
     }
@@ -162,7 +169,7 @@ def test_changing_a_dataset_setting_reruns_what_reads_it(finished_study, tmp_pat
         "gather_predictions": 4,
         "score": 4,
         "tables": 1,
-        "plots": 1,
+        "figure": 7,
         "html_report": 1,
         "all": 1,
     }
@@ -178,7 +185,7 @@ def test_profiling_a_finished_study(finished_study, tmp_path):
     result = run_snakemake(finished_study, "--dry-run", configfile=changed)
     assert result.returncode == 0, result.stderr
     # One profile per (model, ft, variant), each timing every task of the variant.
-    assert _job_counts(result.stdout) == {"profile": 11, "tables": 1, "plots": 1, "html_report": 1, "all": 1}
+    assert _job_counts(result.stdout) == {"profile": 11, "tables": 1, "figure": 7, "html_report": 1, "all": 1}
     target = "results/profile/blip-tiny/full/w8-language.parquet"
     result = run_snakemake(finished_study, "--", target, configfile=changed)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -211,7 +218,7 @@ def test_sweeping_a_finished_study(finished_study, tmp_path):
     assert result.returncode == 0, result.stderr
     counts = _job_counts(result.stdout)
     # blip2-tiny/none has one variant (baseline): three points; the profiles of all 11 variants too.
-    assert counts == {"profile": 11, "sweep": 3, "tables": 1, "plots": 1, "scaling": 1, "html_report": 1, "all": 1}
+    assert counts == {"profile": 11, "sweep": 3, "tables": 1, "figure": 8, "html_report": 1, "all": 1}
     target = "results/sweep/blip2-tiny/none/baseline/batch_size-3.parquet"
     result = run_snakemake(finished_study, "--", target, configfile=changed)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -228,8 +235,7 @@ def test_sweeping_a_finished_study(finished_study, tmp_path):
         "profile": 11,
         "sweep": 3,
         "tables": 1,
-        "plots": 1,
-        "scaling": 1,
+        "figure": 8,
         "html_report": 1,
         "all": 1,
     }
@@ -259,7 +265,7 @@ def test_editing_a_library_module_reruns_the_stages_that_use_it(finished_study, 
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=finished_study)
     assert result.returncode == 0, result.stderr[-4000:]
     # Every score job reads vlmopt.metrics (the code digest of the score stage changed); nothing upstream.
-    assert _job_counts(result.stdout) == {"score": 21, "tables": 1, "plots": 1, "html_report": 1, "all": 1}
+    assert _job_counts(result.stdout) == {"score": 21, "tables": 1, "figure": 7, "html_report": 1, "all": 1}
     assert "Params have changed since last execution" in result.stdout
 
 
