@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/snakemake --profile profiles/default --cores $(CORES)
-	@echo "Tables in results/tables/, plots in results/plots/."
+	@echo "Tables in results/tables/, figures in results/plots/, the report in results/report/index.html."
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest

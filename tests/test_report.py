@@ -267,3 +267,37 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
     )
     assert taken.returncode == 0 and shot.stat().st_size > 50_000, taken.stderr[-3000:]
     print(f"screenshot: {shot}")
+
+
+def test_interactive_dropoff_renders_in_headless_chromium(report, tmp_path):
+    """The 3-D drop-off page draws its WebGL scene offline (software rendering), without console errors."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium, and it cannot be installed here")
+    url = (report.parent / "dropoff_3d.html").resolve().as_uri()
+    common = [browser, "--headless=new", "--no-sandbox", "--hide-scrollbars", "--no-first-run"]
+    common += ["--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+    loaded = subprocess.run(
+        [*common, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    # Chromium's advice on plotly's canvas reads (a performance hint of the browser's own) is the one
+    # console line allowed; any message of the page (an error, an exception) fails.
+    advice = "Canvas2D: Multiple readback operations using getImageData are faster"
+    console = [line for line in loaded.stderr.splitlines() if ":CONSOLE" in line and advice not in line]
+    assert not console, console
+    # Plotly replaced the empty div with its plot: a 3-D scene (gl-container) and the menus.
+    dom = loaded.stdout
+    assert "js-plotly-plot" in dom and "gl-container" in dom and "updatemenu" in dom
+    shot = tmp_path / "dropoff_3d.png"
+    taken = subprocess.run(
+        [*common, "--window-size=1200,800", "--virtual-time-budget=15000", f"--screenshot={shot}", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert taken.returncode == 0 and shot.stat().st_size > 30_000, taken.stderr[-3000:]
+    print(f"screenshot: {shot}")

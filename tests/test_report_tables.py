@@ -145,6 +145,9 @@ def test_bit_width_lines_and_figure(tmp_path):
     assert quality_vs_bits(summary, variants, tmp_path / "bits.png").stat().st_size > 5000
     with pytest.raises(ValueError, match="no single-step weight-quantization variant"):
         bits_figure(summary, variants[variants["method"] != "uniform"])
+    # Steps recorded without a part or position (older tables) select all of it: still one line each.
+    lines = bit_width_lines(summary, variants.drop(columns=["position"]))
+    assert set(lines["position"]) == {"all"} and len(lines) == 13
 
 
 def test_confusion_matrices_show_counts_and_shares(tmp_path):

@@ -131,3 +131,15 @@ def test_labels_do_not_overlap_and_fall_back_to_the_front():
     counts = label_points(ax, x, y, names, priority=front, max_labels=10)
     assert counts["placed"] == front.sum() and sorted(t.get_text() for t in ax.texts) == sorted(np.array(names)[front])
     plt.close(fig)
+
+
+def test_a_task_without_values_of_a_cost_says_not_measured():
+    from vlmopt.plots.tradeoffs import cost_figure
+
+    summary = pd.concat(
+        [_summary(False), pd.DataFrame([{"model": "m", "ft": "none", "variant": "baseline", "task": "vqa"}])]
+    ).assign(vqa_accuracy=[None, None, None, 50.0])
+    fig = cost_figure(summary, costs=["nominal_size_bytes"])
+    captioning, vqa = fig.axes[:2]
+    assert [t.get_text() for t in vqa.texts] == ["not measured"] and vqa.get_xticks().size == 0
+    assert "not measured" not in [t.get_text() for t in captioning.texts]

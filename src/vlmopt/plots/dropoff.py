@@ -22,7 +22,10 @@ def bit_width_lines(summary: pd.DataFrame, variants: pd.DataFrame) -> pd.DataFra
     counts = variants.groupby(["model", "ft", "variant"])["step"].transform("size")
     single = variants[(counts == 1) & variants["method"].isin(QUANTIZERS) & variants["bits"].notna()]
     columns = ["model", "ft", "variant", "part", "position", "activation_bits", "bits"]
-    steps = single[columns].assign(quantizer=single["method"].to_numpy())
+    steps = single.reindex(columns=columns).assign(quantizer=single["method"].to_numpy())
+    # A step without a part or position selects all of it (and NaN keys would never match).
+    for key in ("part", "position"):
+        steps[key] = steps[key].astype(object).where(steps[key].notna(), "all")
     out = summary.drop(columns="method", errors="ignore")
     return out.merge(steps, on=["model", "ft", "variant"], how="inner")
 

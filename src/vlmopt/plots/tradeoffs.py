@@ -108,6 +108,11 @@ def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> pl
                 if r["variant"] == "baseline":
                     ax.scatter(xi, yi, s=190, facecolors="none", edgecolors="black", linewidths=1.0, label="_baseline")
             on = pareto_front(x, y)
+            if not (x.notna() & y.notna()).any():
+                # The task has no value of this cost (or of its metric): say so, not an empty grid.
+                ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="gray")
+                ax.set_xticks([])
+                ax.set_yticks([])
             if on.any():
                 order = np.argsort(x.to_numpy()[on])
                 ax.plot(x.to_numpy()[on][order], y.to_numpy()[on][order], color="gray", linewidth=1, zorder=0)
