@@ -49,7 +49,7 @@ format: $(STAMP)
 	$(VENV)/bin/snakefmt Snakefile rules
 
 report: $(STAMP)
-	$(VENV)/bin/snakemake --profile profiles/default --report results/report.html
+	HF_HUB_OFFLINE=1 $(VENV)/bin/snakemake --profile profiles/default --cores $(CORES) --report results/report.html
 
 clean:
 	rm -rf results logs .snakemake

@@ -160,7 +160,7 @@ def test_report_has_every_figure_table_and_provenance(report):
     table = pd.read_csv(report.parent / "configurations.csv")
     assert len(table) == 16 and sum(r["model"] == "a" for r in _html_rows(page, "variants")) == 10
     # The pruning table: a's baseline and its pruned variant, parameters 20 % fewer.
-    pruning = _html_rows(page, "pruning")
+    pruning = _html_rows(page, "pruning-captioning-d")
     assert [(r["variant"], float(r["params"]), round(float(r["params change (%)"]), 6)) for r in pruning] == [
         ("baseline", 1e6, 0.0),
         ("prune", 8e5, -20.0),

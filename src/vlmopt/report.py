@@ -317,7 +317,8 @@ function sortTable(id, column) {
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; cursor: zoom-in; }
+figure img.full { max-width: none; cursor: zoom-out; }
 figcaption { font-size: 0.9em; color: #444; max-width: 60em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: left; }
@@ -380,8 +381,10 @@ def build_report(
                     f"<figcaption><b>{name}</b>: {html.escape(caption)}</figcaption></figure>"
                 )
                 continue
+            # Wide figures are shrunk to the page; a click shows one at full size (scrolling sideways).
             sections.append(
-                f'<figure id="fig-{name}"><img src="{_png(path)}" alt="{name}">'
+                f'<figure id="fig-{name}"><div class="scroll"><img src="{_png(path)}" alt="{name}" '
+                f'title="click: full size / fit to the page" onclick="this.classList.toggle(\'full\')"></div>'
                 f"<figcaption><b>{name}</b>: {html.escape(caption)}</figcaption></figure>"
             )
     pruning_html = _pruning_section(loaded)
@@ -415,6 +418,7 @@ def build_report(
 Tables: <a href="configurations.csv">configurations.csv</a> (the table below),
 <a href="summary.parquet">summary.parquet</a>{_links(out)}.</p>
 <h2>Figures</h2>
+<p>Click a figure to see it at full size.</p>
 {"".join(sections)}
 {_missing(missing)}
 <h2>Every configuration</h2>
@@ -441,7 +445,8 @@ model's latency (their weights are fake-quantized in float tensors).</p>
 
 
 def _pruning_section(loaded: dict[str, Any]) -> str:
-    """The pruning variants' table (metrics, parameters, latency, FLOPs), where the study has any."""
+    """The pruning variants' tables (metrics, parameters, latency, FLOPs), one per task, where the
+    study has any."""
     from vlmopt.plots.pruning import pruning_table
 
     if loaded.get("variants") is None:
@@ -454,11 +459,17 @@ def _pruning_section(loaded: dict[str, Any]) -> str:
         "latency_ms_per_sample_p50": "latency (ms/sample)",
         "gflops_per_sample": "GFLOP/sample",
     }
-    return (
+    parts = [
         "<h2>Pruning</h2><p>Each pruning variant next to its baseline: the task's metrics, parameters "
         "(and their change from the baseline), latency and FLOPs per sample.</p>"
-        + _html_table(table.rename(columns=headers), "pruning")
-    )
+    ]
+    for (task, dataset), rows in table.groupby(["task", "dataset"], sort=False):
+        rows = rows.drop(columns=["task", "dataset"]).dropna(axis=1, how="all")
+        parts.append(
+            f"<h3>{html.escape(str(task))} ({html.escape(str(dataset))})</h3>"
+            + _html_table(rows.rename(columns=headers), f"pruning-{task}-{dataset}")
+        )
+    return "".join(parts)
 
 
 def _links(out: Path) -> str:

@@ -95,6 +95,26 @@ def test_tables_and_plots_are_complete(finished_study):
     assert "study: shapes-test" in page
 
 
+def test_snakemake_report_has_every_figure_with_its_caption(finished_study, tmp_path):
+    """`snakemake --report` assembles the figure jobs' outputs with their captions, by category."""
+    from vlmopt.report import FIGURE_INFO
+
+    out = tmp_path / "report.html"
+    result = run_snakemake(
+        finished_study, "--cores", "1", "--report", str(out), configfile=finished_study / "study.yaml"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    page = out.read_text()
+    shown = ["quality_vs_size", "quality_vs_cost", "quality_vs_bits", "dropoff_3d", "task_bars", "confusion"]
+    for name in [*shown, "examples"]:
+        caption, category, _ = FIGURE_INFO[name]
+        # The caption's opening words (rendered from the figure rule's caption param) and its category.
+        assert caption.split(":")[0].split(",")[0][:30] in page, name
+        assert category in page, name
+    # Figures the miniature study has no data for are not in it.
+    assert FIGURE_INFO["svd"][0][:40] not in page and FIGURE_INFO["pruning"][0][:40] not in page
+
+
 def test_rerun_does_nothing(finished_study):
     result = run_snakemake(finished_study, "--dry-run", configfile=finished_study / "study.yaml")
     assert result.returncode == 0, result.stderr

@@ -21,6 +21,8 @@ COSTS = {
     "energy_j_per_sample": "energy per sample (J)",
 }
 _SCALE = {"nominal_size_bytes": 1e-6}
+# Panels per row of a one-cost figure.
+_WRAP = 3
 
 
 def pareto_front(cost: Sequence[float], quality: Sequence[float]) -> np.ndarray:
@@ -82,11 +84,22 @@ def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> pl
     methods = sorted(set(_methods(summary)))
     models = sorted(summary["model"].unique())
     marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
-    fig, axes = plt.subplots(len(costs), len(tasks), figsize=(6.0 * len(tasks), 4.6 * len(costs)), squeeze=False)
+    # One cost: the tasks wrap into rows of at most three panels, so that the figure stays readable
+    # at a page's width. Several costs: a row per cost, a column per task.
+    if len(costs) == 1:
+        ncols = min(_WRAP, len(tasks))
+        nrows = -(-len(tasks) // ncols)
+        place = {(costs[0], t): divmod(i, ncols) for i, t in enumerate(tasks)}
+    else:
+        nrows, ncols = len(costs), len(tasks)
+        place = {(c, t): (r, i) for r, c in enumerate(costs) for i, t in enumerate(tasks)}
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(place) :]:
+        ax.set_visible(False)
     to_label = []
     for row, cost in enumerate(costs):
-        for col, task in enumerate(tasks):
-            ax = axes[row][col]
+        for task in tasks:
+            ax = axes[place[(cost, task)][0]][place[(cost, task)][1]]
             metric, label = MAIN_METRIC[task]
             rows = summary[summary["task"] == task]
             x = rows[cost].astype(float) * _SCALE.get(cost, 1.0)
@@ -118,7 +131,7 @@ def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> pl
                 ax.plot(x.to_numpy()[on][order], y.to_numpy()[on][order], color="gray", linewidth=1, zorder=0)
             ax.set_xlabel(COSTS[cost])
             ax.set_ylabel(label)
-            if row == 0:
+            if row == 0 or len(costs) == 1:
                 ax.set_title(task)
             ax.grid(alpha=0.3)
             ax.margins(0.12)
