@@ -33,7 +33,7 @@ EVALUATIONS = evaluations(config)
 PROFILED = profiled(config)
 # (model, ft, variant, point) -> {axis, value}: one job per sweep point (vlmopt.profiling.sweep).
 SWEPT = swept(config)
-# Files of the report's figures that the study has data for (rule figure): svd.png, pruning.png ...
+# Files of the report's figures that the study has data for, one figure job each (svd.png ...).
 FIGURE_FILES = [figure_file(name) for name in planned_figures(config)]
 # The study's profiling settings (what every profile measures with); DEFAULTS of
 # vlmopt.profiling.variant fill in the rest. The sweep's own keys reach only the sweep jobs.

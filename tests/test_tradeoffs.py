@@ -143,3 +143,24 @@ def test_a_task_without_values_of_a_cost_says_not_measured():
     captioning, vqa = fig.axes[:2]
     assert [t.get_text() for t in vqa.texts] == ["not measured"] and vqa.get_xticks().size == 0
     assert "not measured" not in [t.get_text() for t in captioning.texts]
+
+
+def test_layout_wraps_one_cost_and_turns_many_tasks_into_rows():
+    from vlmopt.plots.tradeoffs import cost_figure
+
+    tasks = {"captioning": "CIDEr", "vqa": "vqa_accuracy", "retrieval": "r_mean", "classification": "top1"}
+    summary = pd.concat([_summary(False).assign(task=t, **{m: [1.0, 0.8, 0.5]}) for t, m in tasks.items()])
+    # One cost: four tasks wrap three to a row (the fifth and sixth slots hidden).
+    fig = cost_figure(summary, costs=["nominal_size_bytes"])
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == list(tasks) and len(fig.axes) == 6
+    assert fig.axes[0].get_subplotspec().get_geometry()[:2] == (2, 3)
+    # Three costs and four tasks: a row per task, a column per cost.
+    fig = cost_figure(summary)
+    assert fig.axes[0].get_subplotspec().get_geometry()[:2] == (4, 3)
+    assert [ax.get_xlabel() for ax in fig.axes[:3]] == [
+        "latency per sample (ms, median)",
+        "nominal size (MB, weights at their bit width)",
+        "GFLOP per sample",
+    ]
+    assert [fig.axes[3 * i].get_title() for i in range(4)] == list(tasks)

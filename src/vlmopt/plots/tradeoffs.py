@@ -59,9 +59,11 @@ def _methods(rows: pd.DataFrame) -> pd.Series:
 
 
 def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> plt.Figure:
-    """A grid of panels: one row per cost that the summary has values of, one column per task.
+    """A grid of panels: one row per cost that the summary has values of, one column per task (with
+    more than three tasks, one row per task and a column per cost; with one cost, the tasks three
+    to a row).
 
-    ``costs`` picks the rows (default: every cost in :data:`COSTS` with values). Each panel plots
+    ``costs`` picks the costs (default: every cost in :data:`COSTS` with values). Each panel plots
     the task's headline metric against the cost, a colour per compression method (the same in
     every figure, :func:`~vlmopt.plots.static.method_colour`) and a marker per model (hollow when
     not finetuned); every point is labelled with its variant where a free place near it exists
@@ -85,11 +87,15 @@ def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> pl
     models = sorted(summary["model"].unique())
     marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(models)}
     # One cost: the tasks wrap into rows of at most three panels, so that the figure stays readable
-    # at a page's width. Several costs: a row per cost, a column per task.
+    # at a page's width. Several costs: a row per cost, a column per task; with more tasks than
+    # that, a row per task and a column per cost.
     if len(costs) == 1:
         ncols = min(_WRAP, len(tasks))
         nrows = -(-len(tasks) // ncols)
         place = {(costs[0], t): divmod(i, ncols) for i, t in enumerate(tasks)}
+    elif len(tasks) > _WRAP:
+        nrows, ncols = len(tasks), len(costs)
+        place = {(c, t): (r, i) for r, t in enumerate(tasks) for i, c in enumerate(costs)}
     else:
         nrows, ncols = len(costs), len(tasks)
         place = {(c, t): (r, i) for r, c in enumerate(costs) for i, t in enumerate(tasks)}
@@ -97,7 +103,7 @@ def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> pl
     for ax in axes.flat[len(place) :]:
         ax.set_visible(False)
     to_label = []
-    for row, cost in enumerate(costs):
+    for cost in costs:
         for task in tasks:
             ax = axes[place[(cost, task)][0]][place[(cost, task)][1]]
             metric, label = MAIN_METRIC[task]
@@ -131,7 +137,7 @@ def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> pl
                 ax.plot(x.to_numpy()[on][order], y.to_numpy()[on][order], color="gray", linewidth=1, zorder=0)
             ax.set_xlabel(COSTS[cost])
             ax.set_ylabel(label)
-            if row == 0 or len(costs) == 1:
+            if place[(cost, task)][0] == 0 or len(costs) == 1 or len(tasks) > _WRAP:
                 ax.set_title(task)
             ax.grid(alpha=0.3)
             ax.margins(0.12)
