@@ -61,6 +61,8 @@ rule html_report:
         variants="results/tables/variants.parquet",
         efficiency="results/tables/efficiency.parquet",
         scores="results/tables/scores.parquet",
+        # Embedded as drawn; the figures the study has no data for are named with the reason.
+        figures=expand("results/plots/{figure}", figure=FIGURE_FILES),
     output:
         "results/report/index.html",
     log:

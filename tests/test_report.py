@@ -269,7 +269,7 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
     print(f"screenshot: {shot}")
 
 
-def test_interactive_dropoff_renders_in_headless_chromium(report, tmp_path):
+def test_interactive_dropoff_renders_in_headless_chromium(report):
     """The 3-D drop-off page draws its WebGL scene offline (software rendering), without console errors."""
     browser = _chromium()
     if browser is None:
@@ -278,7 +278,7 @@ def test_interactive_dropoff_renders_in_headless_chromium(report, tmp_path):
     common = [browser, "--headless=new", "--no-sandbox", "--hide-scrollbars", "--no-first-run"]
     common += ["--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
     loaded = subprocess.run(
-        [*common, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", "--dump-dom", url],
+        [*common, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=8000", "--dump-dom", url],
         capture_output=True,
         text=True,
         timeout=180,
@@ -292,12 +292,20 @@ def test_interactive_dropoff_renders_in_headless_chromium(report, tmp_path):
     # Plotly replaced the empty div with its plot: a 3-D scene (gl-container) and the menus.
     dom = loaded.stdout
     assert "js-plotly-plot" in dom and "gl-container" in dom and "updatemenu" in dom
-    shot = tmp_path / "dropoff_3d.png"
-    taken = subprocess.run(
-        [*common, "--window-size=1200,800", "--virtual-time-budget=15000", f"--screenshot={shot}", url],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert taken.returncode == 0 and shot.stat().st_size > 30_000, taken.stderr[-3000:]
-    print(f"screenshot: {shot}")
+
+
+def test_figures_already_drawn_are_embedded_as_they_are(tmp_path):
+    import base64
+
+    tables = _tables(tmp_path / "tables", sweep=False, steps=False)
+    # A drawn task_bars file (any PNG): its bytes are what the page embeds, not a new drawing.
+    drawn = tmp_path / "plots" / "task_bars.png"
+    drawn.parent.mkdir()
+    from vlmopt.plots.static import _save, plt
+
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.text(0.5, 0.5, "drawn before")
+    _save(fig, drawn)
+    page = build_report(tables, tmp_path / "report", drawn={"task_bars": drawn}).read_text()
+    assert base64.b64encode(drawn.read_bytes()).decode() in page
+    assert 'id="fig-quality_vs_size"' in page  # the others are still drawn

@@ -694,11 +694,14 @@ def build_html_report(
     *,
     predictions: str | Path | None = None,
     data: str | Path | None = None,
+    figures: Iterable[str | Path] = (),
 ) -> Path:
-    """The study's HTML report (:func:`vlmopt.report.build_report`) in ``out/index.html``."""
+    """The study's HTML report (:func:`vlmopt.report.build_report`) in ``out/index.html``, with the
+    ``figures`` already drawn (``<name>.png``, ``<name>.html``) as they are."""
     from vlmopt.report import build_report
 
-    return build_report(tables, out, config=study, predictions=predictions, data=data)
+    drawn = {Path(f).name.rsplit(".", 1)[0]: Path(f) for f in figures}
+    return build_report(tables, out, config=study, predictions=predictions, data=data, drawn=drawn)
 
 
 def build_figure(

@@ -341,6 +341,7 @@ def build_report(
     title: str | None = None,
     predictions: str | Path | None = None,
     data: str | Path | None = None,
+    drawn: dict[str, str | Path] | None = None,
 ) -> Path:
     """Write ``out/index.html`` (and the tables beside it) from the tables in ``tables``; return the page.
 
@@ -349,6 +350,8 @@ def build_report(
     and of the prepared datasets, for the before/after examples (default: ``predictions`` beside
     ``tables``, and ``resources/data``). A figure the tables have no data for is left out and named.
     The interactive 3-D drop-off is a page of its own beside the report, linked from it.
+    ``drawn`` maps figure names to files already drawn (by rule ``figure``), which are used as they
+    are instead of being drawn again.
     """
     from vlmopt.plots.budget import best_under_budget
 
@@ -367,7 +370,12 @@ def build_report(
             caption, _, kind = FIGURE_INFO[name]
             target = (out if kind == "html" else Path(tmp)) / figure_file(name)
             try:
-                path = _draw(name, loaded, target, figures)
+                if drawn and name in drawn:
+                    path = Path(drawn[name])
+                    if kind == "html":
+                        path = Path(shutil.copyfile(path, target))
+                else:
+                    path = _draw(name, loaded, target, figures)
             except ValueError as exc:  # the plot functions' "nothing to draw"
                 missing.append(f"{name}: {exc}")
                 log.info("report leaves out %s: %s", name, exc)

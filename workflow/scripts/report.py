@@ -9,4 +9,5 @@ build_html_report(
     dict(snakemake.params.study),
     predictions=snakemake.params.predictions,
     data=snakemake.params.data,
+    figures=snakemake.input.figures,
 )
