@@ -117,7 +117,7 @@ def test_labels_do_not_overlap_and_fall_back_to_the_front():
     assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
     plt.close(fig)
 
-    # Points on top of each other share one label, a line per name.
+    # Points whose markers overlap share one label, a line per name.
     fig, ax = plt.subplots()
     ax.scatter([1, 1, 2], [1, 1, 2])
     assert label_points(ax, [1, 1, 2], [1, 1, 2], ["a", "b", "c"]) == {"placed": 3, "left_out": 0}

@@ -68,7 +68,7 @@ FIGURE_INFO: dict[str, tuple[str, str, str]] = {
     "quality_vs_size": (
         "Quality against nominal size: the headline metric of each task against the size of the weights "
         "at their bit width. Colours are compression methods (the same in every figure), markers models, "
-        "hollow markers not finetuned; every variant is labelled (points on top of each other share a "
+        "hollow markers not finetuned; every variant is labelled (points whose markers overlap share a "
         "label); the grey line is the Pareto front, baselines are ringed.",
         "Trade-offs",
         "png",

@@ -98,14 +98,14 @@ def label_points(
     placed: list[tuple[float, float, float, float]] = []
     leaders: list[tuple[float, float, float, float]] = []
     counts = {"placed": 0, "left_out": 0}
-    # Points drawn on top of each other (closer than a marker's radius) share one label, a line
+    # Points whose markers overlap (centres closer than a marker's width) share one label, a line
     # per name: no place near one of them is free of the others' markers.
     groups: list[list[int]] = []
     grouped: set[int] = set()
     for i in order:
         if i in grouped:
             continue
-        near = [j for j in order if j not in grouped and np.hypot(*(pixels[j] - pixels[i])) < r]
+        near = [j for j in order if j not in grouped and np.hypot(*(pixels[j] - pixels[i])) < 2 * r]
         grouped.update(near)
         groups.append(near)
     for group in groups:
