@@ -238,6 +238,19 @@ def _chromium() -> str | None:
     return shutil.which("chromium")
 
 
+def _headless(common: list[str], url: str, budget_ms: int) -> tuple[str, list[str]]:
+    """The page's DOM after loading it in headless Chromium, and the console lines it logged."""
+    loaded = subprocess.run(
+        [*common, "--enable-logging=stderr", "--v=0", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    # Console messages of the page (errors, uncaught exceptions) appear as CONSOLE lines.
+    return loaded.stdout, [line for line in loaded.stderr.splitlines() if ":CONSOLE" in line]
+
+
 def test_report_loads_in_headless_chromium(report, tmp_path):
     browser = _chromium()
     if browser is None:
@@ -246,17 +259,8 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
         )
     url = report.resolve().as_uri()
     common = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run"]
-    loaded = subprocess.run(
-        [*common, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", url],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
-    # Console messages of the page (errors, uncaught exceptions) appear as CONSOLE lines.
-    console = [line for line in loaded.stderr.splitlines() if ":CONSOLE" in line]
+    dom, console = _headless(common, url, 5000)
     assert not console, console
-    dom = loaded.stdout
     for name in FIGURES:
         assert f'id="fig-{name}"' in dom, name
     # The page's own load handler counts the images the browser decoded.
@@ -277,20 +281,12 @@ def test_interactive_dropoff_renders_in_headless_chromium(report):
     url = (report.parent / "dropoff_3d.html").resolve().as_uri()
     common = [browser, "--headless=new", "--no-sandbox", "--hide-scrollbars", "--no-first-run"]
     common += ["--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
-    loaded = subprocess.run(
-        [*common, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=8000", "--dump-dom", url],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    dom, console = _headless(common, url, 8000)
     # Chromium's advice on plotly's canvas reads (a performance hint of the browser's own) is the one
     # console line allowed; any message of the page (an error, an exception) fails.
     advice = "Canvas2D: Multiple readback operations using getImageData are faster"
-    console = [line for line in loaded.stderr.splitlines() if ":CONSOLE" in line and advice not in line]
-    assert not console, console
+    assert not [line for line in console if advice not in line], console
     # Plotly replaced the empty div with its plot: a 3-D scene (gl-container) and the menus.
-    dom = loaded.stdout
     assert "js-plotly-plot" in dom and "gl-container" in dom and "updatemenu" in dom
 
 

@@ -175,8 +175,15 @@ def figure_file(name: str) -> str:
     return f"{name}.{FIGURE_INFO[name][2]}"
 
 
-def _load_tables(tables: Path) -> dict[str, pd.DataFrame | None]:
-    return {name: _read(tables / f"{name}.parquet") for name in ("summary", "variants", "efficiency", "scores")}
+def _load(tables: Path, predictions: str | Path | None, data: str | Path | None) -> dict[str, Any]:
+    """What the figures are drawn from: the tables (None where missing) and the folders of the
+    predictions (default: beside the tables folder) and of the prepared datasets."""
+    loaded: dict[str, Any] = {
+        name: _read(tables / f"{name}.parquet") for name in ("summary", "variants", "efficiency", "scores")
+    }
+    loaded["predictions"] = Path(predictions) if predictions is not None else tables.parent / "predictions"
+    loaded["data"] = Path(data) if data is not None else Path("resources/data")
+    return loaded
 
 
 def _draw(
@@ -205,9 +212,7 @@ def draw_figure(
     that the rest of the study's outputs stand; the reason is logged as a warning.
     """
     tables, out = Path(tables), Path(out)
-    loaded: dict[str, Any] = _load_tables(tables)
-    loaded["predictions"] = Path(predictions) if predictions is not None else tables.parent / "predictions"
-    loaded["data"] = Path(data) if data is not None else Path("resources/data")
+    loaded = _load(tables, predictions, data)
     try:
         return _draw(name, loaded, out, {name: _figures()[name]})
     except ValueError as exc:
@@ -356,12 +361,10 @@ def build_report(
     from vlmopt.plots.budget import best_under_budget
 
     tables, out = Path(tables), Path(out)
-    loaded: dict[str, Any] = _load_tables(tables)
+    loaded = _load(tables, predictions, data)
     summary = loaded["summary"]
     if summary is None:
         raise FileNotFoundError(f"{tables / 'summary.parquet'} does not exist: run the tables stage first")
-    loaded["predictions"] = Path(predictions) if predictions is not None else tables.parent / "predictions"
-    loaded["data"] = Path(data) if data is not None else Path("resources/data")
     out.mkdir(parents=True, exist_ok=True)
     sections, missing = [], []
     with tempfile.TemporaryDirectory() as tmp:
