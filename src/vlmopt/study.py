@@ -27,6 +27,9 @@ __all__ = [
     "evaluations",
     "expand_grids",
     "planned_figures",
+    "GENERATIVE_TASKS",
+    "PRUNING_METHODS",
+    "QUANTIZERS",
     "grid_slug",
     "profiled",
     "swept",
@@ -217,8 +220,10 @@ def evaluations(config: dict[str, Any]) -> list[Evaluation]:
 
 #: Tasks whose predictions are text a reader can compare (the before/after examples).
 GENERATIVE_TASKS = ("captioning", "vqa", "real_vs_generated")
-_QUANTIZERS = ("uniform", "gptq", "awq")
-_PRUNERS = ("prune_layers", "prune_heads")
+#: Weight quantization methods with one bit width (the drop-off figures).
+QUANTIZERS = ("uniform", "gptq", "awq")
+#: Structural pruning methods (the pruning figure and table).
+PRUNING_METHODS = ("prune_layers", "prune_heads")
 
 
 def planned_figures(config: dict[str, Any]) -> list[str]:
@@ -233,16 +238,15 @@ def planned_figures(config: dict[str, Any]) -> list[str]:
     steps = [config["variants"].get(v) or [] for v in sorted({e.variant for e in evals})]
     methods = [[step.get("method") for step in s] for s in steps]
     weight_only = any(
-        s and all(step.get("method") in _QUANTIZERS and step.get("activation_bits") is None for step in s)
-        for s in steps
+        s and all(step.get("method") in QUANTIZERS and step.get("activation_bits") is None for step in s) for s in steps
     )
     planned = {
         "quality_vs_size": True,
         "quality_vs_cost": True,
-        "quality_vs_bits": any(len(m) == 1 and m[0] in _QUANTIZERS for m in methods),
+        "quality_vs_bits": any(len(m) == 1 and m[0] in QUANTIZERS for m in methods),
         "dropoff_3d": weight_only,
         "svd": any(m == ["svd"] for m in methods),
-        "pruning": any(set(m) & set(_PRUNERS) for m in methods),
+        "pruning": any(set(m) & set(PRUNING_METHODS) for m in methods),
         "task_bars": True,
         "confusion": "real_vs_generated" in tasks,
         "examples": bool(tasks & set(GENERATIVE_TASKS)),

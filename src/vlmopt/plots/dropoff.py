@@ -7,11 +7,10 @@ from pathlib import Path
 import pandas as pd
 
 from vlmopt.plots.static import MAIN_METRIC, MARKERS, _save, _tasks, method_colour, plt
+from vlmopt.study import QUANTIZERS
 
 __all__ = ["QUANTIZERS", "bit_width_lines", "bits_figure", "quality_vs_bits"]
 
-#: Weight quantization methods whose variants have one bit width.
-QUANTIZERS = ("uniform", "gptq", "awq")
 # Line styles of the part and position selections (solid, dotted, dash-dot, ...); dashed is the baseline.
 _STYLES = ["-", ":", "-.", (0, (6, 2)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3))]
 

@@ -32,13 +32,12 @@ from matplotlib.lines import Line2D
 from vlmopt.metrics.real_vs_generated import LABEL_NAMES, extract_label
 from vlmopt.metrics.vqa import normalize_answer
 from vlmopt.plots.static import MAIN_METRIC, _save, _tasks, method_colour, plt
+from vlmopt.study import GENERATIVE_TASKS
 
 __all__ = ["GENERATIVE_TASKS", "before_after", "example_figure", "pick_examples", "pick_samples"]
 
 log = logging.getLogger(__name__)
 
-#: Tasks whose predictions are generated text, in the figure's order.
-GENERATIVE_TASKS = ("captioning", "vqa", "real_vs_generated")
 
 #: Columns of the test split each task's truth is read from.
 _TRUTH_COLUMNS = {

@@ -21,11 +21,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from vlmopt.plots.static import MAIN_METRIC, _tasks
+from vlmopt.study import QUANTIZERS
 
 __all__ = ["FULL_BITS", "PARTS", "WEIGHT_QUANTIZERS", "bits_by_part", "dropoff_3d", "dropoff_3d_figure"]
 
 #: Weight-only quantization methods (a step of one of them with ``activation_bits`` is left out).
-WEIGHT_QUANTIZERS = ("uniform", "gptq", "awq")
+WEIGHT_QUANTIZERS = QUANTIZERS
 #: The model parts on the three axes, in x, y, z order.
 PARTS = ("vision", "bridge", "language")
 #: The width of a part that no step quantizes (float32 weights).

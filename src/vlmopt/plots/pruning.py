@@ -26,11 +26,9 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from vlmopt.plots.static import MAIN_METRIC, _save, method_colour, plt
+from vlmopt.study import PRUNING_METHODS
 
 __all__ = ["PRUNING_METHODS", "TASK_METRICS", "pruned_description", "pruning_figure", "pruning_plot", "pruning_table"]
-
-#: Compression methods that remove structure (a variant with one of these steps is a pruning variant).
-PRUNING_METHODS = ("prune_layers", "prune_heads")
 
 #: Quality columns the table reports for each task (those without any value are left out).
 TASK_METRICS = {
