@@ -1,7 +1,7 @@
 """CPU latency and parameter count of the compressed models of a study, at a fixed output length.
 
 Loads every variant folder under ``results/models/<model>/<ft>/`` (as inference does, with
-:func:`vlmopt.pipeline.load_variant`), and times greedy captioning of ``--samples`` test images
+:func:`vlmopt.compress.saved.load_variant`), and times greedy captioning of ``--samples`` test images
 in batches of ``--batch-size`` with exactly ``--tokens`` new tokens per sample
 (``min_new_tokens = max_new_tokens``), so that a variant which writes shorter captions does not
 look faster. Prints the median over ``--repeat`` runs (after one warm-up run) in milliseconds
@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from vlmopt.compress.saved import load_variant
 from vlmopt.data.images import open_image
-from vlmopt.pipeline import load_variant
 from vlmopt.tasks import get_task
 
 

@@ -1,9 +1,13 @@
 # Python helpers only: config validation, wildcard constraints, input and params functions.
 import re
+from pathlib import Path
 
+import yaml
 from snakemake.utils import validate
 
 from vlmopt.code_digest import stage_digest
+from vlmopt.data import SPLITS
+from vlmopt.data.labeling import CAPTIONER_DEFAULTS, LABELED_SOURCE
 from vlmopt.report import FIGURE_INFO, figure_file
 from vlmopt.study import (
     canonical,
@@ -14,8 +18,9 @@ from vlmopt.study import (
     profiled,
     swept,
 )
+from vlmopt.tasks import TASKS, get_task
 
-# Defaults live in the code that uses each setting; the schema only checks.
+# Defaults live in the code that uses each setting; the schema only checks (and documents them).
 validate(config, "../workflow/schemas/config.schema.yaml", set_default=False)
 config["variants"] = {**config["variants"], **expand_grids(config)}
 # The main Snakemake process checks the whole study. A process started to run one job (on a
@@ -56,21 +61,22 @@ def code(stage):
     return digest
 
 
-SPLITS = ["train", "val", "test"]
-SHARDS = config.get("inference", {}).get("shards", 2)
-INFERENCE = canonical(
-    {
-        "split": "test",
-        "batch_size": 16,
-        "shards": 2,
-        "processes": 1,
-        "max_new_tokens": 20,
-        "num_beams": 1,
-        "retrieval_k": 128,
-        "max_error_fraction": 0.05,
-    }
-    | config.get("inference", {})
+# The defaults of the inference and profiling sections are those of vlmopt.infer and
+# vlmopt.profiling.variant, which import torch (seconds of every job's start-up): they are read
+# from the schema instead, whose defaults tests/workflow/test_schema.py holds equal to the library's.
+_SCHEMA = yaml.safe_load(
+    (Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml").read_text()
 )
+
+
+def schema_defaults(section):
+    """{setting: default} of one top-level section of the study, as the schema gives them."""
+    settings = _SCHEMA["properties"][section]["properties"]
+    return {k: s["default"] for k, s in settings.items() if "default" in s}
+
+
+INFERENCE = canonical(schema_defaults("inference") | config.get("inference", {}))
+SHARDS = INFERENCE["shards"]
 
 
 # What every inference job reads; per-task generation overrides reach that task's jobs only
@@ -94,9 +100,13 @@ def _alternatives(names):
 
 # Datasets labeled from another dataset (label_dataset) and those prepared from a source.
 LABELED = sorted(
-    d for d, s in config["datasets"].items() if s.get("source") == "labeled"
+    d for d, s in config["datasets"].items() if s.get("source") == LABELED_SOURCE
 )
 PREPARED = sorted(set(config["datasets"]) - set(LABELED))
+
+# The study's seed; 0 where it leaves it out, as the library's stage functions default to
+# (tests/workflow/test_schema.py holds the two equal).
+SEED = config.get("seed", 0)
 
 
 wildcard_constraints:
@@ -106,8 +116,8 @@ wildcard_constraints:
     trained=_alternatives(set(config.get("finetune", {})) - {"none"}),
     variant="[a-z0-9_-]+",
     point="[a-z0-9_-]+",
-    task="captioning|vqa|retrieval|classification|real_vs_generated",
-    split="train|val|test",
+    task="|".join(TASKS),
+    split="|".join(SPLITS),
 
 
 def dataset_settings(wildcards):
@@ -129,7 +139,7 @@ def label_inputs(wildcards):
     }
     captioner = spec.get("captioner")
     if captioner:
-        ft = captioner.get("finetune", "none")
+        ft = captioner.get("finetune", CAPTIONER_DEFAULTS["finetune"])
         inputs["captioner"] = (
             f"resources/models/{captioner['model']}"
             if ft == "none"
@@ -244,7 +254,9 @@ def sweep_settings(wildcards):
     """The profiling settings of a sweep job: the profile's, and the compile backend for compile points."""
     if sweep_point(wildcards)["axis"] != "compile":
         return PROFILING
-    backend = config.get("profiling", {}).get("compile_backend", "inductor")
+    backend = config.get("profiling", {}).get(
+        "compile_backend", schema_defaults("profiling")["compile_backend"]
+    )
     return canonical(PROFILING | {"compile_backend": backend})
 
 
@@ -311,15 +323,9 @@ def all_variant_models(wildcards):
 
 def task_settings(wildcards):
     """Settings of a similarity task: re-ranking depth (retrieval), prompt templates (classification)."""
-    if wildcards.task == "retrieval":
-        return {"k": INFERENCE["retrieval_k"]}
-    if wildcards.task == "classification":
-        return {
-            "templates": config["datasets"][wildcards.dataset].get(
-                "templates", ["a photo of a {}."]
-            )
-        }
-    return {}
+    return get_task(wildcards.task).inference_settings(
+        config["datasets"][wildcards.dataset], INFERENCE
+    )
 
 
 def generation_settings(wildcards):

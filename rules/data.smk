@@ -12,7 +12,7 @@ rule prepare_dataset:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
         code=code("prepare_dataset"),
         settings=dataset_settings,
-        seed=config.get("seed", 0),
+        seed=SEED,
     script:
         "../workflow/scripts/prepare_dataset.py"
 

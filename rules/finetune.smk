@@ -13,7 +13,7 @@ rule finetune:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
         code=code("finetune"),
         settings=finetune_settings,
-        seed=config.get("seed", 0),
+        seed=SEED,
         # Checkpoints live outside the output, so that a killed job's rerun resumes from them.
         checkpoints="results/checkpoints/{model}/{trained}",
     script:

@@ -11,6 +11,6 @@ rule build_model:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
         code=code("build_model"),
         settings=model_settings,
-        seed=config.get("seed", 0),
+        seed=SEED,
     script:
         "../workflow/scripts/build_model.py"

@@ -34,3 +34,18 @@ def shapes_texts(shapes_train) -> list[str]:
     from vlmopt.data import dataset_texts
 
     return dataset_texts(shapes_train)
+
+
+@pytest.fixture(scope="session")
+def write_predictions():
+    """A function that writes a predictions table where the pipeline keeps it,
+    ``<root>/<model>/<ft>/<variant>/<task>/<dataset>/predictions.parquet``, and returns the file."""
+    from pathlib import Path
+
+    def write(root, model: str, ft: str, variant: str, task: str, dataset: str, frame: pd.DataFrame) -> Path:
+        path = Path(root) / model / ft / variant / task / dataset / "predictions.parquet"
+        path.parent.mkdir(parents=True)
+        frame.to_parquet(path)
+        return path
+
+    return write

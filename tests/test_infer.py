@@ -27,7 +27,8 @@ def training_split(tmp_path_factory):
 def briefly_trained(request, training_split, tmp_path_factory):
     """A tiny model trained until its captions depend on the image (800 steps, about 20 s)."""
     from vlmopt.data import dataset_texts
-    from vlmopt.finetune import FullFinetuneConfig, finetune
+    from vlmopt.finetune.config import FullFinetuneConfig
+    from vlmopt.finetune.full import finetune
 
     root, train = training_split
     loaded = load_model(f"tiny:{request.param}", texts=dataset_texts(train), seed=1)

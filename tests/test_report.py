@@ -14,7 +14,8 @@ import pyarrow as pa
 import pytest
 
 from vlmopt.cli import main
-from vlmopt.report import FIGURES, build_report
+from vlmopt.report import build_report
+from vlmopt.study import FIGURES
 from vlmopt.tables import EFFICIENCY_SCHEMA, STEPS_SCHEMA, write_parquet
 
 MODELS = ("a", "b")
@@ -109,7 +110,7 @@ def _tables(folder: Path, *, sweep: bool = True, steps: bool = True) -> Path:
     return folder
 
 
-def _examples(root: Path) -> tuple[Path, Path]:
+def _examples(root: Path, write_predictions) -> tuple[Path, Path]:
     """A test split of dataset d (three 16 x 16 images with references) and captions of model a's
     variants; returns the predictions and data folders."""
     from PIL import Image
@@ -123,19 +124,16 @@ def _examples(root: Path) -> tuple[Path, Path]:
     pd.DataFrame(rows).to_parquet(data / "d" / "test.parquet")
     predictions = root / "predictions"
     for variant in (*VARIANTS, "svd-n1", "svd-n2", "prune"):
-        folder = predictions / "a" / "none" / variant / "captioning" / "d"
-        folder.mkdir(parents=True)
         texts = [f"{variant} says {c}" for c in ("red", "green", "blue")]
-        pd.DataFrame({"sample_id": ["s0", "s1", "s2"], "prediction": texts, "error": [None] * 3}).to_parquet(
-            folder / "predictions.parquet"
-        )
+        frame = pd.DataFrame({"sample_id": ["s0", "s1", "s2"], "prediction": texts, "error": [None] * 3})
+        write_predictions(predictions, "a", "none", variant, "captioning", "d", frame)
     return predictions, data
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, write_predictions):
     tables = _tables(tmp_path_factory.mktemp("tables"))
-    predictions, data = _examples(tmp_path_factory.mktemp("outputs"))
+    predictions, data = _examples(tmp_path_factory.mktemp("outputs"), write_predictions)
     return build_report(
         tables,
         tmp_path_factory.mktemp("report"),
@@ -297,7 +295,7 @@ def test_figures_already_drawn_are_embedded_as_they_are(tmp_path):
     # A drawn task_bars file (any PNG): its bytes are what the page embeds, not a new drawing.
     drawn = tmp_path / "plots" / "task_bars.png"
     drawn.parent.mkdir()
-    from vlmopt.plots.static import _save, plt
+    from vlmopt.plots.style import _save, plt
 
     fig, ax = plt.subplots(figsize=(1, 1))
     ax.text(0.5, 0.5, "drawn before")

@@ -9,7 +9,7 @@ import pytest
 
 from vlmopt.plots.budget import best_under_budget
 from vlmopt.plots.dropoff import bit_width_lines, bits_figure, quality_vs_bits
-from vlmopt.plots.static import method_colour
+from vlmopt.plots.style import method_colour
 from vlmopt.tables import STEPS_SCHEMA, variant_method, variant_steps
 
 KEYS = {"model": "m", "ft": "none", "variant": "v"}

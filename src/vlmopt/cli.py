@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vlmopt import __version__, pipeline
 
@@ -35,6 +38,15 @@ def _steps(text: str) -> list:
     return steps
 
 
+def _default(function: Callable[..., Any], name: str) -> Any:
+    """The default of ``function``'s parameter ``name``: an option left out means what the library does."""
+    return inspect.signature(function).parameters[name].default
+
+
+def _seed_option(p: argparse.ArgumentParser, function: Callable[..., Any]) -> None:
+    p.add_argument("--seed", type=int, default=_default(function, "seed"), help="random seed (default: %(default)s)")
+
+
 def _device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
@@ -49,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-dataset", help="create a dataset's split tables and images")
     p.add_argument("name")
-    p.add_argument("--settings", type=_json, default={"source": "synthetic"}, help='JSON, e.g. {"source": "synthetic"}')
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", type=_json, default={}, help='JSON, e.g. {"source": "synthetic"} (the default source)')
+    _seed_option(p, pipeline.prepare_dataset)
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("label-dataset", help="real-vs-generated label texts (and exp2_*.csv) from a labelled dataset")
@@ -67,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tokenizer-table", type=Path, help="train split whose text trains a tiny model's tokenizer")
     p.add_argument("--settings", type=_json, default={})
-    p.add_argument("--seed", type=int, default=0)
+    _seed_option(p, pipeline.build_model)
 
     p = sub.add_parser("finetune", help="full finetuning with checkpoints")
     p.add_argument("model", type=Path)
@@ -75,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-table", type=Path, required=True)
     p.add_argument("--settings", type=_json, default={})
     p.add_argument("--checkpoints", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    _seed_option(p, pipeline.finetune_model)
     _device_option(p)
 
     p = sub.add_parser("compress", help="apply compression steps and write manifest.json")
@@ -87,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help='a YAML or JSON file with a list of steps, or the list inline: \'[{"method": "uniform", ...}]\'',
     )
-    p.add_argument("--data-root", type=Path, default=Path("resources/data"), help="where calibration datasets live")
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=_default(pipeline.compress_model, "data_root"),
+        help="where calibration datasets live (default: %(default)s)",
+    )
     _device_option(p)
 
     p = sub.add_parser(
@@ -98,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--shard", default="1-of-1")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--settings", type=_json, default={})
+    p.add_argument(
+        "--settings",
+        type=_json,
+        default={},
+        help='JSON, e.g. {"batch_size": 8, "num_beams": 3} (default: vlmopt.infer.INFERENCE_DEFAULTS)',
+    )
     p.add_argument(
         "--task-settings", type=_json, default={}, help='similarity tasks: e.g. {"k": 128} or {"templates": [...]}'
     )
@@ -188,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "compress":
         pipeline.compress_model(args.model, args.out, steps=args.steps, data_root=args.data_root, device=args.device)
     elif args.stage == "infer":
-        settings = {"batch_size": 16, "max_new_tokens": 20, "num_beams": 1} | args.settings
+        from vlmopt.infer import INFERENCE_DEFAULTS
+
+        settings = INFERENCE_DEFAULTS | args.settings
         pipeline.predict_shard(
             args.model,
             args.table,

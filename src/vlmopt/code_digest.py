@@ -19,7 +19,7 @@ import hashlib
 from functools import cache
 from pathlib import Path
 
-__all__ = ["STAGES", "stage_digest", "stage_modules"]
+__all__ = ["SCORING_STAGES", "STAGES", "stage_digest", "stage_modules"]
 
 #: Stage (Snakemake rule) -> its entry functions in vlmopt.pipeline.
 STAGES: dict[str, tuple[str, ...]] = {
@@ -139,26 +139,41 @@ def _entry_sources(stage: str, root: Path) -> tuple[list[str], set[str]]:
     return sorted(sources), imports
 
 
+#: Stages that score predictions. The task definitions (vlmopt.tasks) import their scorers from
+#: vlmopt.metrics; the other stages reach the task definitions for prompts and targets but never
+#: score, so for them those imports are not followed: an edit to a metric reruns scoring and what
+#: follows it, not inference. Any other path from a stage to vlmopt.metrics still counts.
+SCORING_STAGES = frozenset({"score", "figure", "html_report"})
+
+
 def stage_modules(stage: str, root: str | Path | None = None) -> list[str]:
     """Every vlmopt module (with its parent packages) that ``stage`` can import, sorted.
 
-    ``root`` is the vlmopt package folder to read (default: the one this module belongs to).
+    A parent package that a module is reached through (``vlmopt.study`` for ``vlmopt.study.sweep``)
+    counts with its own source, but its imports are followed only where the stage imports the
+    package itself: a stage that needs the sweep axes does not depend on every module the
+    package re-exports. ``root`` is the vlmopt package folder to read (default: the one this
+    module belongs to).
     """
     root = Path(root).resolve() if root is not None else _ROOT
     _, imports = _entry_sources(stage, root)
-    todo, seen = list(imports), set()
+    scores = stage in SCORING_STAGES
+    todo, seen, followed = list(imports), set(), set()
     while todo:
         module = todo.pop()
-        if module in seen:
+        if module in followed:
             continue
         seen.add(module)
+        followed.add(module)
         if module == f"{_PACKAGE}.pipeline":
             # Pipeline code counts per stage (the entry functions and the helpers they call), not
             # as a whole, even where a module the stage runs imports the pipeline back.
             continue
-        for parent in _with_parents(module) - seen:
-            todo.append(parent)
-        todo += [m for m in _module_imports(module, root) if m not in seen]
+        seen |= _with_parents(module)
+        imported = _module_imports(module, root)
+        if not scores and module.startswith(f"{_PACKAGE}.tasks"):
+            imported = {m for m in imported if not m.startswith(f"{_PACKAGE}.metrics")}
+        todo += [m for m in imported if m not in followed]
     return sorted(m for m in seen if m != f"{_PACKAGE}.pipeline")
 
 

@@ -8,7 +8,7 @@
 Every process (rank) sees ``WORLD_SIZE`` > 1 in its environment, and
 :func:`vlmopt.pipeline.predict_shard` hands the work to :func:`predict_shard`: the job's shard
 (``'i-of-n'``, rows from :func:`vlmopt.infer.shard_rows`) is split again, contiguously, over the
-ranks with the same function; each rank loads the variant (:func:`vlmopt.pipeline.load_variant`)
+ranks with the same function; each rank loads the variant (:func:`vlmopt.compress.saved.load_variant`)
 onto ``cuda:LOCAL_RANK`` (the CPU without CUDA, or for a variant with dynamic int8 steps, which run
 on the CPU only), predicts its rows and writes them to a hidden part file beside the output. After
 a barrier, rank 0 merges the parts in dataset order, refusing duplicates and gaps
@@ -124,7 +124,7 @@ def predict_shard(
     shard: tuple[int, int],
     batch_size: int,
     generate_kwargs: dict[str, Any],
-    max_error_fraction: float = 0.05,
+    max_error_fraction: float,
     task_settings: dict[str, Any] | None = None,
     device: str | None = None,
 ) -> None:
@@ -165,8 +165,8 @@ def _predict_shard(
 ) -> None:
     import torch.distributed as dist
 
+    from vlmopt.compress.saved import load_variant
     from vlmopt.infer import shard_rows
-    from vlmopt.pipeline import load_variant
     from vlmopt.tables import write_predictions
 
     me = Rank.from_env()

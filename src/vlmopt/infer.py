@@ -25,9 +25,33 @@ from vlmopt.models.encoding import text_ids
 from vlmopt.tables import merge_shards
 from vlmopt.tasks import get_task
 
-__all__ = ["generation_settings", "merge_shards", "predict", "shard_rows", "similarity_predictions"]
+__all__ = [
+    "GENERATION_EXTRAS",
+    "INFERENCE_DEFAULTS",
+    "generate_kwargs",
+    "generation_settings",
+    "merge_shards",
+    "predict",
+    "shard_rows",
+    "similarity_predictions",
+]
 
 log = logging.getLogger(__name__)
+
+#: The study's ``inference`` settings where it leaves them out: the split that is predicted and
+#: scored, samples per forward pass, inference jobs per (model, variant, task), processes per job,
+#: generated tokens at most, beams (1 = greedy), the retrieval re-ranking depth and the share of
+#: unreadable samples tolerated per shard. The workflow's schema gives the same defaults.
+INFERENCE_DEFAULTS: dict[str, Any] = {
+    "split": "test",
+    "batch_size": 16,
+    "shards": 2,
+    "processes": 1,
+    "max_new_tokens": 20,
+    "num_beams": 1,
+    "retrieval_k": 128,
+    "max_error_fraction": 0.05,
+}
 
 
 def shard_rows(n_rows: int, shard: int, n_shards: int) -> range:
@@ -45,6 +69,21 @@ def generation_settings(*, max_new_tokens: int, num_beams: int, **extra: Any) ->
     return settings
 
 
+#: generate() settings a study may set besides max_new_tokens and num_beams.
+GENERATION_EXTRAS = ("length_penalty", "min_new_tokens", "repetition_penalty")
+
+
+def generate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """generate() keyword arguments from a task's generation settings; what they leave out comes
+    from :data:`INFERENCE_DEFAULTS` (greedy, at most its ``max_new_tokens``)."""
+    extra = {k: settings[k] for k in GENERATION_EXTRAS if k in settings}
+    return generation_settings(
+        max_new_tokens=settings.get("max_new_tokens", INFERENCE_DEFAULTS["max_new_tokens"]),
+        num_beams=settings.get("num_beams", INFERENCE_DEFAULTS["num_beams"]),
+        **extra,
+    )
+
+
 @torch.inference_mode()
 def predict(
     loaded: LoadedModel,
@@ -56,7 +95,7 @@ def predict(
     generate_kwargs: dict[str, Any],
     shard: int = 0,
     n_shards: int = 1,
-    max_error_fraction: float = 0.05,
+    max_error_fraction: float = INFERENCE_DEFAULTS["max_error_fraction"],
     progress: bool = True,
     task_settings: dict[str, Any] | None = None,
     rows: range | None = None,
@@ -187,7 +226,11 @@ def similarity_predictions(
     part, are split between shards). ``prediction`` is the image's top caption.
     """
     adapter = loaded.adapter
+    if get_task(task).kind != "similarity":
+        raise ValueError(f"task {task!r} is not a similarity task")
     with torch.inference_mode():
+        # The one branch on a task's name outside vlmopt.tasks: classification and retrieval embed
+        # different texts and rank them differently, and running the model is inference's job.
         if task == "classification":
             from vlmopt.tasks import DEFAULT_TEMPLATES, ClassificationTask
 
@@ -209,8 +252,6 @@ def similarity_predictions(
                 "prediction": pd.Series(preds, dtype="string"),
                 "scores": pd.Series(scores, dtype=object),
             }
-        if task != "retrieval":
-            raise ValueError(f"task {task!r} is not a similarity task")
         from vlmopt.tasks import RetrievalTask
 
         texts, owners = RetrievalTask.texts(dataset)

@@ -26,7 +26,6 @@ __all__ = [
     "finetune_model",
     "gather_predictions",
     "label_dataset",
-    "load_variant",
     "predict_shard",
     "prepare_dataset",
     "profile_variant",
@@ -35,8 +34,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 def prepare_dataset(
@@ -50,9 +47,10 @@ def prepare_dataset(
     parent), kept between runs so an interrupted one resumes.
     """
     from vlmopt.data import DATASETS, get_dataset
+    from vlmopt.data.labeling import LABELED_SOURCE
 
     source = settings.get("source", "synthetic")
-    if source == "labeled":
+    if source == LABELED_SOURCE:
         raise ValueError(f"dataset {name!r} is labeled from another dataset: label_dataset prepares it")
     if source != "synthetic" and source not in DATASETS:
         raise ValueError(
@@ -84,33 +82,33 @@ def label_dataset(
     :mod:`vlmopt.data.labeling`). Greedy decoding, so the labels do not depend on batch size.
     The captioner runs on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
     """
-    from vlmopt.data.labeling import REASON_QUESTIONS, check_real_generated_labels, make_labeled
+    from vlmopt.data import SPLITS
+    from vlmopt.data.labeling import CAPTIONER_DEFAULTS, REASON_QUESTIONS, check_real_generated_labels, make_labeled
 
-    captioner = settings.get("captioner")
+    captioner = {**CAPTIONER_DEFAULTS, **settings["captioner"]} if settings.get("captioner") else None
     captions: dict[str, str] = {}
     reasons: dict[str, str] = {}
     if captioner:
         if captioner_dir is None:
             raise ValueError(f"dataset {name!r}: a captioner is configured but no captioner model folder was given")
         from vlmopt.device import place
-        from vlmopt.infer import generation_settings, predict
+        from vlmopt.infer import INFERENCE_DEFAULTS, generation_settings, predict
         from vlmopt.models import load_model
 
         loaded = load_model(captioner_dir)
         place(loaded.model, device, model_dir=captioner_dir)
-        gen = generation_settings(
-            max_new_tokens=captioner.get("max_new_tokens", 20), num_beams=captioner.get("num_beams", 1)
-        )
-        batch_size = captioner.get("batch_size", 16)
+        gen = generation_settings(max_new_tokens=captioner["max_new_tokens"], num_beams=captioner["num_beams"])
+        batch_size = captioner["batch_size"]
+        max_error_fraction = INFERENCE_DEFAULTS["max_error_fraction"]
         for split in SPLITS:
             df = pd.read_parquet(Path(source_root) / f"{split}.parquet")
             if df.empty:
                 continue
             check_real_generated_labels(df, f"dataset {settings.get('dataset')!r} ({split})")
-            run = {"batch_size": batch_size, "generate_kwargs": gen, "max_error_fraction": 0.05}
+            run = {"batch_size": batch_size, "generate_kwargs": gen, "max_error_fraction": max_error_fraction}
             out = predict(loaded, df, source_root, "captioning", **run)
             captions.update(zip(out["sample_id"], out["prediction"].fillna(""), strict=True))
-            if captioner.get("reason", True):
+            if captioner["reason"]:
                 questions = df.assign(
                     question=[REASON_QUESTIONS[int(y)] for y in df["label"]],
                     answers=[["-"]] * len(df),
@@ -137,11 +135,10 @@ def build_model(
         texts = dataset_texts(table) + task_vocabulary(table.columns)
     loaded = load_model(
         source,
-        dtype=settings.get("dtype"),
         texts=texts,
         seed=seed,
-        image_size=settings.get("image_size", 64),
-        trust_remote_code=settings.get("trust_remote_code", False),
+        # What the study leaves out, load_model's defaults decide.
+        **{k: settings[k] for k in ("dtype", "image_size", "trust_remote_code") if k in settings},
     )
     loaded.save(out_dir)
     log.info("saved %s (%s, %d parameters) to %s", source, loaded.family, loaded.model.num_parameters(), out_dir)
@@ -163,7 +160,8 @@ def finetune_model(
     Trains on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
     """
     from vlmopt.device import place
-    from vlmopt.finetune import FullFinetuneConfig, finetune
+    from vlmopt.finetune.config import FullFinetuneConfig
+    from vlmopt.finetune.full import finetune
     from vlmopt.models import load_model
 
     options = {k: v for k, v in settings.items() if k not in ("method", "dataset")}
@@ -198,8 +196,8 @@ def compress_model(
     Steps with ``calibration: {dataset, split, n, ...}`` calibrate on that split of
     ``data_root/<dataset>``, and ``lora`` steps train on theirs. Runtime steps (dynamic int8) do
     not survive safetensors: the folder holds the weights they start from, the manifest records
-    them, and :func:`load_variant` re-applies them. Calibration, GPTQ, AWQ and LoRA training run on
-    ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
+    them, and :func:`vlmopt.compress.saved.load_variant` re-applies them. Calibration, GPTQ, AWQ and
+    LoRA training run on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
     """
     from vlmopt.device import place
     from vlmopt.models import load_model
@@ -219,105 +217,35 @@ def compress_loaded(
 ) -> dict[str, Any]:
     """:func:`compress_model` on a model already in memory, which is changed in place.
 
-    The steps run on the model's device; on return ``loaded`` is the model as :func:`load_variant`
-    reads it back from ``out_dir``, on the CPU (runtime steps applied, kept adapters attached).
-    ``source`` is the folder it was loaded from, hashed into the manifest.
+    The steps run on the model's device; on return ``loaded`` is the model as
+    :func:`~vlmopt.compress.saved.load_variant` reads it back from ``out_dir``, on the CPU (runtime
+    steps applied, kept adapters attached). ``source`` is the folder it was loaded from, hashed into the manifest.
     """
-    from vlmopt.compress import (
-        TrainingData,
-        apply_runtime_steps,
-        apply_variant,
-        restore_adapters,
-        save_adapters,
-        serialized_size,
-        write_manifest,
-    )
-    from vlmopt.compress.calibrate import Calibration
+    from vlmopt.compress import TrainingData, apply_variant
+    from vlmopt.compress.calibration import Calibration
+    from vlmopt.compress.saved import folder_digest, save_variant
+    from vlmopt.finetune.full import finetune
     from vlmopt.tables import config_hash
+    from vlmopt.tasks.encode import calibration_batches
 
     def calibration(spec: dict[str, Any]) -> Calibration:
         root = Path(data_root) / spec["dataset"]
         table = pd.read_parquet(root / f"{spec['split']}.parquet")
-        return Calibration.from_table(
+        batches, description = calibration_batches(
             loaded, table, root, n_samples=spec["n"], batch_size=spec["batch_size"], seed=spec["seed"]
         )
+        return Calibration(batches, description)
 
     def training(spec: dict[str, Any]) -> TrainingData:
         root = Path(data_root) / spec["dataset"]
-        return TrainingData(loaded, pd.read_parquet(root / f"{spec['split']}.parquet"), root)
+        return TrainingData(loaded, pd.read_parquet(root / f"{spec['split']}.parquet"), root, fit=finetune)
 
     manifest = apply_variant(
         loaded.model, loaded.parts(), steps, defer_runtime=True, calibration=calibration, training=training
     )
-    out_dir = Path(out_dir)
-    # Saved from the CPU, where runtime steps (dynamic int8) run.
-    loaded.model.to("cpu")
-    # Kept LoRA adapters go to their own files; the folder's model is the base model.
-    save_adapters(loaded.model, out_dir)
-    loaded.save(out_dir)
-    restore_adapters(loaded.model, manifest, out_dir)
-    apply_runtime_steps(loaded.model, loaded.parts(), manifest)
-    inputs = {"model": _folder_digest(source) if source is not None else None, "steps": steps}
-    write_manifest(
-        out_dir / "manifest.json",
-        manifest,
-        serialized_size_bytes=serialized_size(loaded.model),
-        inputs_hash=config_hash(inputs),
-    )
+    inputs = {"model": folder_digest(source) if source is not None else None, "steps": steps}
+    save_variant(loaded, out_dir, manifest, inputs_hash=config_hash(inputs))
     return manifest
-
-
-def _folder_digest(folder: str | Path) -> str:
-    """Hash of a saved model's weights and config files (what a variant was computed from)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*")):
-        if path.is_file() and path.suffix in (".safetensors", ".json"):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def load_variant(model_dir: str | Path, *, dtype: str | None = None):
-    """Load a compressed model folder as it was evaluated, from its manifest.
-
-    ``from_pretrained`` builds the original dense architecture (in the dtype of a ``precision``
-    step), then, in order: pruned attention heads are shrunk and loaded, low-rank (SVD) layers
-    rebuilt and their factors loaded, kept LoRA adapters re-injected, runtime steps (dynamic int8)
-    applied to the loaded float weights, and simulated activation quantizers re-attached.
-    """
-    from transformers.utils import logging as hf_logging
-
-    from vlmopt.compress import apply_runtime_steps, restore_activation_quant, restore_adapters, restore_structure
-    from vlmopt.compress.heads import load_head_pruned, restore_pruned_heads
-    from vlmopt.compress.precision import precision_dtype
-    from vlmopt.models import load_model
-
-    manifest_path = Path(model_dir) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    if dtype is None and manifest is not None:
-        # Not every config class restores a float16 checkpoint as float16 by itself.
-        dtype = precision_dtype(manifest)
-    factorized = manifest is not None and any(s.get("method") == "svd" for s in manifest.get("steps", []))
-    heads_pruned = manifest is not None and any(s.get("method") == "prune_heads" for s in manifest.get("steps", []))
-    level = hf_logging.get_verbosity()
-    if factorized or heads_pruned:
-        # The dense weights of factorized layers are missing by design; restore_structure loads them.
-        hf_logging.set_verbosity_error()
-    try:
-        # Pruned attention is smaller than the config says; restore_pruned_heads shrinks and loads it.
-        loaded = load_head_pruned(model_dir, dtype=dtype) if heads_pruned else load_model(model_dir, dtype=dtype)
-    finally:
-        hf_logging.set_verbosity(level)
-    if manifest is not None:
-        restore_pruned_heads(loaded.model, manifest, model_dir)
-        restore_structure(loaded.model, manifest, model_dir)
-        restore_adapters(loaded.model, manifest, model_dir)
-        apply_runtime_steps(loaded.model, loaded.parts(), manifest)
-        # Last, so that the input quantizers sit on the modules that finally run (int8 ones included).
-        restore_activation_quant(loaded.model, manifest)
-    return loaded
 
 
 def _parse_scatteritem(item: str) -> tuple[int, int]:
@@ -328,20 +256,6 @@ def _parse_scatteritem(item: str) -> tuple[int, int]:
     except ValueError as exc:
         raise ValueError(f"shard name {item!r} is not of the form '<i>-of-<n>'") from exc
     return shard, n_shards
-
-
-#: generate() settings a study may set besides max_new_tokens and num_beams.
-GENERATION_EXTRAS = ("length_penalty", "min_new_tokens", "repetition_penalty")
-
-
-def _generate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    """generate() keyword arguments from a task's generation settings (defaults: 20 tokens, greedy)."""
-    from vlmopt.infer import generation_settings
-
-    extra = {k: settings[k] for k in GENERATION_EXTRAS if k in settings}
-    return generation_settings(
-        max_new_tokens=settings.get("max_new_tokens", 20), num_beams=settings.get("num_beams", 1), **extra
-    )
 
 
 def predict_shard(
@@ -366,11 +280,12 @@ def predict_shard(
     variant with runtime steps such as dynamic int8).
     """
     from vlmopt import distributed
+    from vlmopt.compress.saved import load_variant
     from vlmopt.device import place
-    from vlmopt.infer import predict
+    from vlmopt.infer import INFERENCE_DEFAULTS, generate_kwargs, predict
 
     shard_index, n_shards = _parse_scatteritem(shard)
-    gen = _generate_kwargs(settings)
+    gen = generate_kwargs(settings)
     if distributed.launched():
         # One of torchrun's processes: the ranks split the shard's rows and rank 0 writes ``out``.
         distributed.predict_shard(
@@ -382,7 +297,7 @@ def predict_shard(
             shard=(shard_index, n_shards),
             batch_size=settings["batch_size"],
             generate_kwargs=gen,
-            max_error_fraction=settings.get("max_error_fraction", 0.05),
+            max_error_fraction=settings.get("max_error_fraction", INFERENCE_DEFAULTS["max_error_fraction"]),
             task_settings=task_settings,
             device=device,
         )
@@ -398,7 +313,7 @@ def predict_shard(
         generate_kwargs=gen,
         shard=shard_index,
         n_shards=n_shards,
-        max_error_fraction=settings.get("max_error_fraction", 0.05),
+        max_error_fraction=settings.get("max_error_fraction", INFERENCE_DEFAULTS["max_error_fraction"]),
         task_settings=task_settings,
     )
     meta = {"generation": gen, "task": task, "family": loaded.family, "prompt": loaded.adapter.prompts[task]}
@@ -427,8 +342,10 @@ def profile_variant(
     ``point`` (``{axis, value}``) measures one sweep point instead (:mod:`vlmopt.profiling.sweep`):
     the rows carry ``sweep_axis`` and ``sweep_value`` and no size rows.
     """
+    from vlmopt.compress.saved import load_variant, read_manifest
     from vlmopt.device import place
-    from vlmopt.profiling.sweep import SweepPoint, apply_point, compiled_graphs
+    from vlmopt.infer import generate_kwargs
+    from vlmopt.profiling.sweep import SweepPoint, apply_point, compiled_graphs, sweep_rows
     from vlmopt.profiling.variant import DEFAULTS, not_measured
     from vlmopt.profiling.variant import profile_variant as measure
     from vlmopt.tables import EFFICIENCY_SCHEMA, efficiency_rows
@@ -438,8 +355,7 @@ def profile_variant(
     sweep = SweepPoint(point["axis"], point["value"]) if point is not None else None
     loaded = load_variant(model_dir)
     where = place(loaded.model, device, model_dir=model_dir)
-    manifest_path = Path(model_dir) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_manifest(model_dir)
     settings = {**DEFAULTS, **settings}
     applied = None
     if sweep is not None:
@@ -459,14 +375,14 @@ def profile_variant(
                 spec["root"],
                 task,
                 settings=settings,
-                generation=_generate_kwargs(spec.get("generation") or {}),
+                generation=generate_kwargs(spec.get("generation") or {}),
                 manifest=manifest,
                 sizes=sweep is None,
                 image_size=applied.image_size if applied else None,
                 prompt_length=applied.prompt_length if applied else None,
             )
             if applied is not None:
-                df = _sweep_rows(df, applied, sweep, compiled_graphs() - graphs)
+                df = sweep_rows(df, applied, sweep, compiled_graphs() - graphs)
         if sweep is not None:
             df["sweep_axis"], df["sweep_value"] = sweep.axis, sweep.text
         task_keys = {**keys, "task": task, "dataset": spec["dataset"]}
@@ -488,26 +404,6 @@ def profile_variant(
 
 def _shown(value: Any, fmt: str) -> str:
     return "n/a" if value is None or pd.isna(value) else format(value, fmt)
-
-
-def _sweep_rows(df: pd.DataFrame, applied: Any, sweep: Any, graphs: int) -> pd.DataFrame:
-    """A sweep point's rows: what the point changed in ``method``, its caveat in ``note``, compiled graphs."""
-    df = df.copy()
-    if applied.method:
-        df["method"] = applied.method + "; " + df["method"].fillna("")
-    if applied.note:
-        df["note"] = [applied.note if pd.isna(n) else f"{n}; {applied.note}" for n in df["note"]]
-    if sweep.axis == "compile" and sweep.value:
-        extra = df.iloc[[0]].copy()
-        extra[["measure", "value", "unit", "method", "note"]] = [
-            "compiled_graphs",
-            float(graphs),
-            "graphs",
-            "graphs torch.compile built during this task's calls (torch._dynamo counters)",
-            None,
-        ]
-        df = pd.concat([df, extra], ignore_index=True)
-    return df
 
 
 def gather_predictions(
@@ -535,96 +431,18 @@ def gather_predictions(
 def score_predictions(
     predictions: str | Path, table: str | Path, out: str | Path, *, keys: dict[str, str], settings: Any
 ) -> dict[str, float]:
-    """Score predictions against the dataset split on CPU and write long-format score rows."""
-    from vlmopt.metrics import caption_scores, exact_match_accuracy, vqa_accuracy, word_error_rate
+    """Score predictions against the dataset split on CPU (the task's :meth:`~vlmopt.tasks.base.Task.score`)
+    and write long-format score rows."""
+    from vlmopt.tasks import get_task
 
     preds, _ = read_predictions(predictions)
     data = pd.read_parquet(table)
     if set(preds["sample_id"]) != set(data["sample_id"]):
         raise ValueError(f"{predictions} does not cover exactly the samples of {table}")
-    data = data.set_index("sample_id").loc[preds["sample_id"]]
-    pred = dict(zip(preds["sample_id"], preds["prediction"].fillna(""), strict=True))
-    task = keys["task"]
-    if task == "captioning":
-        refs = {sid: list(r) for sid, r in zip(data.index, data["references"], strict=True)}
-        metrics = caption_scores(pred, refs)
-    elif task == "vqa":
-        answers = {sid: list(a) for sid, a in zip(data.index, data["answers"], strict=True)}
-        types = dict(zip(data.index, data["answer_type"], strict=True))
-        result = vqa_accuracy(pred, answers, types)
-        metrics = {"vqa_accuracy": result["overall"]}
-        metrics.update({f"vqa_accuracy/{t}": v for t, v in result["per_answer_type"].items()})
-        # Single-answer datasets (GQA) are scored by exact match; VQA accuracy cannot reach 100 there.
-        metrics["exact_match"] = exact_match_accuracy(pred, answers)["overall"]
-        # Word error rate against the most common answer (ties: the first listed), as generated.
-        majority = {sid: max(a, key=lambda x, a=a: (a.count(x), -a.index(x))) for sid, a in answers.items()}
-        scorable = {sid: m for sid, m in majority.items() if any(ch.isalnum() for ch in m)}
-        if scorable:  # an answer with no word (punctuation only) has no word error rate
-            metrics["wer"] = word_error_rate({sid: pred[sid] for sid in scorable}, scorable)["wer"]
-        if {"choices", "answer_index"} <= set(data.columns):
-            # Multiple choice (ScienceQA): the option the answer picks, by letter or by text.
-            from vlmopt.metrics import multiple_choice_accuracy
-
-            choices = {sid: list(c) for sid, c in zip(data.index, data["choices"], strict=True)}
-            index = {sid: int(i) for sid, i in zip(data.index, data["answer_index"], strict=True)}
-            result = multiple_choice_accuracy(pred, choices, index, answer_types=types)
-            metrics["mc_accuracy"] = result["overall"]
-            metrics.update({f"mc_accuracy/{t}": v for t, v in result["per_answer_type"].items()})
-            metrics["mc_unparsed"] = float(result["n_unparsed"])
-    elif task == "real_vs_generated":
-        from vlmopt.data.labeling import check_real_generated_labels
-        from vlmopt.metrics.real_vs_generated import binary_report, extract_label
-
-        check_real_generated_labels(data, str(table))
-        metrics = binary_report([int(y) for y in data["label"]], [extract_label(pred[sid]) for sid in data.index])
-    elif task in ("retrieval", "classification"):
-        metrics = _similarity_metrics(task, preds, pd.read_parquet(table))
-    else:
-        raise ValueError(f"no scorer for task {task!r}")
+    metrics = get_task(keys["task"]).score(preds, data, source=str(table))
     n_failed = int(preds["error"].notna().sum())
     write_parquet(score_rows(keys, metrics, n_samples=len(preds), n_failed=n_failed, settings=settings), out)
     return metrics
-
-
-def _similarity_metrics(task: str, preds: pd.DataFrame, table: pd.DataFrame) -> dict[str, float]:
-    """Recall@k (retrieval) or top-k accuracy (classification) from the predictions' score lists."""
-    import numpy as np
-
-    from vlmopt.metrics import retrieval_recall, topk_accuracy
-    from vlmopt.tasks import ClassificationTask, RetrievalTask
-
-    by_id = {sid: i for i, sid in enumerate(preds["sample_id"])}
-    at = [by_id[sid] for sid in table["sample_id"]]
-
-    def matrix(column: str, width: int) -> np.ndarray:
-        out = np.full((len(table), width), np.nan)
-        for row, i in enumerate(at):
-            values = preds[column].iloc[i]
-            if values is not None and not (isinstance(values, float) and np.isnan(values)):
-                if len(values) != width:
-                    raise ValueError(
-                        f"{column} of {preds['sample_id'].iloc[i]!r} has {len(values)} values, not {width}"
-                    )
-                out[row] = values
-        return out
-
-    if task == "classification":
-        labels, names = ClassificationTask.classes(table)
-        index = {label: i for i, label in enumerate(labels)}
-        scores = matrix("scores", len(labels))
-        metrics = topk_accuracy(scores, [index[int(y)] for y in table["label"]])
-        if labels == [0, 1] and names == ["real", "generated"]:
-            # Real vs generated: the same report as the generative classifiers (an unread image is unparsed).
-            from vlmopt.metrics.real_vs_generated import binary_report
-
-            chosen = [None if np.isnan(row).all() else int(np.argmax(row)) for row in scores]
-            metrics |= binary_report([int(y) for y in table["label"]], chosen)
-        return metrics
-    texts, owners = RetrievalTask.texts(table)
-    img2txt: list[list[int]] = [[] for _ in range(len(table))]
-    for j, row in enumerate(owners):
-        img2txt[row].append(j)
-    return retrieval_recall(matrix("scores", len(texts)), matrix("scores_t2i", len(texts)).T, img2txt, owners)
 
 
 def build_tables(
@@ -637,7 +455,7 @@ def build_tables(
     write ``variants.parquet`` (each variant's compression steps and their settings, from the
     manifests) and ``summary.parquet`` (metrics, method, sizes and the main efficiency measures as
     columns)."""
-    from vlmopt.tables import EFFICIENCY_SCHEMA, STEPS_SCHEMA, variant_steps
+    from vlmopt.tables import EFFICIENCY_SCHEMA, STEPS_SCHEMA, size_columns, variant_steps
 
     out_dir = Path(out_dir)
     scores = pd.concat([pd.read_parquet(p) for p in score_files], ignore_index=True)
@@ -653,25 +471,12 @@ def build_tables(
         folder = Path(folder)
         manifest = json.loads((folder / "manifest.json").read_text())
         keys = dict(zip(("model", "ft", "variant"), folder.parts[-3:], strict=True))
-        sizes.append({**keys, **_size_columns(manifest)})
+        sizes.append({**keys, **size_columns(manifest)})
         steps += variant_steps(keys, manifest)
     write_parquet(pa.Table.from_pylist(steps, schema=STEPS_SCHEMA), out_dir / "variants.parquet")
     summary = summarise(scores, sizes, efficiency)
     write_parquet(pa.Table.from_pandas(summary, preserve_index=False), out_dir / "summary.parquet")
     return summary
-
-
-def _size_columns(manifest: dict[str, Any]) -> dict[str, Any]:
-    from vlmopt.tables import variant_method
-
-    return {
-        "method": variant_method(manifest),
-        "size_bytes": manifest.get("serialized_size_bytes"),
-        "nominal_size_bytes": manifest.get("nominal_size_bytes"),
-        "nominal_bits": manifest.get("nominal_bits_per_parameter"),
-        "representation": manifest.get("representation"),
-        "simulated": manifest.get("simulated"),
-    }
 
 
 def build_plots(summary: str | Path, out_dir: str | Path) -> list[Path]:

@@ -15,15 +15,18 @@ import html
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from vlmopt.study import FIGURES, figure_file
+from vlmopt.tasks import TASKS
+
 log = logging.getLogger(__name__)
 
-__all__ = ["FIGURES", "budget_limits", "build_report", "variant_table"]
+__all__ = ["FIGURE_INFO", "budget_limits", "build_report", "draw_figure", "figure_file", "variant_table"]
 
 #: Fractions of the most expensive baseline's cost that the budget tables use by default.
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
@@ -62,139 +65,9 @@ TABLE_HEADERS = {
 }
 
 
-#: Figure name -> (caption, category, file type). The captions say what each figure shows and how
-#: to read it; the HTML report and Snakemake's report (rule ``figure``) both use them.
-FIGURE_INFO: dict[str, tuple[str, str, str]] = {
-    "quality_vs_size": (
-        "Quality against nominal size: the headline metric of each task against the size of the weights "
-        "at their bit width. Colours are compression methods (the same in every figure), markers models, "
-        "hollow markers not finetuned; every variant is labelled (points whose markers overlap share a "
-        "label); the grey line is the Pareto front, baselines are ringed.",
-        "Trade-offs",
-        "png",
-    ),
-    "quality_vs_cost": (
-        "Quality against each measured cost (latency, size, FLOPs, energy) with the Pareto front (grey "
-        "line): the variants no other variant beats on both quality and that cost. Colours are compression "
-        "methods, markers models; every variant is labelled (only the front's past 60 points in a panel). "
-        "Baselines are ringed in black; simulated (fake-quantized) variants are pale with a dashed outline, "
-        "since their latency and energy are the dense model's.",
-        "Trade-offs",
-        "png",
-    ),
-    "quality_vs_bits": (
-        "Drop-off: quality against the weights' bit width, one line per model, quantizer, part and "
-        "position (colour: quantizer; line style: part and position; marker: model); the dashed grey lines "
-        "are the unquantized baselines.",
-        "Quantization",
-        "png",
-    ),
-    "dropoff_3d": (
-        "The drop-off in three dimensions (interactive, opens in a browser): each weight-quantized variant "
-        "at its bits of the vision encoder, the bridge and the language model (32 = not quantized), "
-        "coloured by the headline metric; choose the task in the menu, drag to turn, hover for the variant.",
-        "Quantization",
-        "html",
-    ),
-    "svd": (
-        "Low-rank (SVD) variants: the headline metric (and top-5 for classification) against the ratio of "
-        "parameters kept and the number of layers factorized, as a heat map (blank: not evaluated) and as "
-        "lines, one per number of layers, with the unfactorized baseline dashed.",
-        "Low rank",
-        "png",
-    ),
-    "pruning": (
-        "Pruning variants next to their baseline: the headline metric, parameters (with the change from the "
-        "baseline), latency per sample and FLOPs per sample, one bar per variant coloured by method; the "
-        "dashed line marks the baseline's value.",
-        "Pruning",
-        "png",
-    ),
-    "task_bars": (
-        "The headline metric of every model, finetuning and variant, per task, coloured by compression method.",
-        "Quality",
-        "png",
-    ),
-    "confusion": (
-        "Real vs generated: what each classifier answered (columns) for real and generated test images "
-        "(rows), as counts and shares of the true class; unparsed answers name neither class.",
-        "Quality",
-        "png",
-    ),
-    "examples": (
-        "Before and after: sample test images with the reference (caption, question and answer, or true "
-        "class) and the output of the baseline and of chosen variants (the best and the worst compressed "
-        "one by the headline metric) side by side; answers are marked right or wrong where a task has one "
-        "answer. Images where the variants disagree come first.",
-        "Quality",
-        "png",
-    ),
-    "scaling": (
-        "The profiling sweep: latency, FLOPs (and energy, memory) per sample against image size, prompt "
-        "length and batch size, and per dtype, attention implementation and torch.compile; colours here "
-        "are the profiled models and variants.",
-        "Efficiency",
-        "png",
-    ),
-}
-
-#: Figure names, in the report's order.
-FIGURES = tuple(FIGURE_INFO)
-
-
-def _figures() -> dict[str, tuple[Callable[..., Any], tuple[str, ...]]]:
-    """Figure name -> (plot function, what it is drawn from, in argument order): tables by name, or
-    the ``predictions`` and ``data`` folders."""
-    from vlmopt.plots import quality_vs_cost, quality_vs_size, task_bars
-    from vlmopt.plots.confusion import confusion_matrices
-    from vlmopt.plots.dropoff import quality_vs_bits
-    from vlmopt.plots.examples import before_after
-    from vlmopt.plots.interactive import dropoff_3d
-    from vlmopt.plots.pruning import pruning_plot
-    from vlmopt.plots.scaling import scaling_curves
-    from vlmopt.plots.svd import quality_vs_svd
-
-    return {
-        "quality_vs_size": (quality_vs_size, ("summary",)),
-        "quality_vs_cost": (quality_vs_cost, ("summary",)),
-        "quality_vs_bits": (quality_vs_bits, ("summary", "variants")),
-        "dropoff_3d": (dropoff_3d, ("summary", "variants")),
-        "svd": (quality_vs_svd, ("summary", "variants")),
-        "pruning": (pruning_plot, ("summary", "variants", "efficiency")),
-        "task_bars": (task_bars, ("summary",)),
-        "confusion": (confusion_matrices, ("summary",)),
-        "examples": (before_after, ("summary", "predictions", "data")),
-        "scaling": (scaling_curves, ("efficiency",)),
-    }
-
-
-def figure_file(name: str) -> str:
-    """The file name of a figure: ``<name>.png``, or ``<name>.html`` for the interactive ones."""
-    if name not in FIGURE_INFO:
-        raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
-    return f"{name}.{FIGURE_INFO[name][2]}"
-
-
-def _load(tables: Path, predictions: str | Path | None, data: str | Path | None) -> dict[str, Any]:
-    """What the figures are drawn from: the tables (None where missing) and the folders of the
-    predictions (default: beside the tables folder) and of the prepared datasets."""
-    loaded: dict[str, Any] = {
-        name: _read(tables / f"{name}.parquet") for name in ("summary", "variants", "efficiency", "scores")
-    }
-    loaded["predictions"] = Path(predictions) if predictions is not None else tables.parent / "predictions"
-    loaded["data"] = Path(data) if data is not None else Path("resources/data")
-    return loaded
-
-
-def _draw(
-    name: str, loaded: dict[str, Any], out: Path, figures: dict[str, tuple[Callable[..., Any], tuple[str, ...]]]
-) -> Path:
-    """Draw one figure into ``out``; ValueError (naming why) when there is nothing to draw."""
-    draw, needs = figures[name]
-    absent = [t for t in needs if loaded.get(t) is None]
-    if absent:
-        raise ValueError(f"no {absent[0]} (expected {absent[0]}.parquet or folder) for this figure")
-    return draw(*(loaded[t] for t in needs), out)
+#: Figure name -> (caption, category, file type), as Snakemake's report (rule ``figure``) reads them:
+#: a view of :data:`vlmopt.study.figures.FIGURES`.
+FIGURE_INFO: dict[str, tuple[str, str, str]] = {n: (f.caption, f.category, f.suffix) for n, f in FIGURES.items()}
 
 
 def draw_figure(
@@ -211,41 +84,21 @@ def draw_figure(
     say, every score of those variants is missing) is still written, as a page that says why, so
     that the rest of the study's outputs stand; the reason is logged as a warning.
     """
+    from vlmopt.plots.draw import draw, load, placeholder
+
     tables, out = Path(tables), Path(out)
-    loaded = _load(tables, predictions, data)
+    loaded = load(tables, predictions, data)
     try:
-        return _draw(name, loaded, out, {name: _figures()[name]})
+        return draw(name, loaded, out)
     except ValueError as exc:
         log.warning("figure %s has no data: %s", name, exc)
-        return _placeholder(name, str(exc), out)
-
-
-def _placeholder(name: str, reason: str, out: Path) -> Path:
-    """A figure file that says it has nothing to show, and why."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".html":
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(
-            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title></head>"
-            f"<body><p>{html.escape(name)}: no data in this study ({html.escape(reason)}).</p></body></html>",
-            encoding="utf-8",
-        )
-        tmp.replace(out)
-        return out
-    from vlmopt.plots.static import _save, plt
-
-    fig, ax = plt.subplots(figsize=(6, 1.2))
-    ax.axis("off")
-    ax.text(0.0, 0.5, f"{name}: no data in this study\n{reason}", va="center", fontsize=9, wrap=True)
-    return _save(fig, out)
+        return placeholder(name, str(exc), out)
 
 
 def variant_table(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per evaluated configuration: keys, method, the task's headline metric and the costs."""
-    from vlmopt.plots.static import MAIN_METRIC
-
-    rows = summary[summary["task"].isin(MAIN_METRIC)].copy()
-    rows["metric"] = rows["task"].map(lambda t: MAIN_METRIC[t][0])
+    rows = summary[summary["task"].isin(TASKS)].copy()
+    rows["metric"] = rows["task"].map(lambda t: TASKS[t].headline)
     rows["value"] = [
         r[m] if m in rows.columns else None for (_, r), m in zip(rows.iterrows(), rows["metric"], strict=True)
     ]
@@ -333,10 +186,6 @@ pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 
 
-def _read(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.is_file() else None
-
-
 def build_report(
     tables: str | Path,
     out: str | Path,
@@ -359,18 +208,18 @@ def build_report(
     are instead of being drawn again.
     """
     from vlmopt.plots.budget import best_under_budget
+    from vlmopt.plots.draw import TABLES, draw, load
 
     tables, out = Path(tables), Path(out)
-    loaded = _load(tables, predictions, data)
+    loaded = load(tables, predictions, data)
     summary = loaded["summary"]
     if summary is None:
         raise FileNotFoundError(f"{tables / 'summary.parquet'} does not exist: run the tables stage first")
     out.mkdir(parents=True, exist_ok=True)
     sections, missing = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        figures = _figures()
-        for name in FIGURES:
-            caption, _, kind = FIGURE_INFO[name]
+        for name, figure in FIGURES.items():
+            caption, kind = figure.caption, figure.suffix
             target = (out if kind == "html" else Path(tmp)) / figure_file(name)
             try:
                 if drawn and name in drawn:
@@ -378,7 +227,7 @@ def build_report(
                     if kind == "html":
                         path = Path(shutil.copyfile(path, target))
                 else:
-                    path = _draw(name, loaded, target, figures)
+                    path = draw(name, loaded, target)
             except ValueError as exc:  # the plot functions' "nothing to draw"
                 missing.append(f"{name}: {exc}")
                 log.info("report leaves out %s: %s", name, exc)
@@ -401,7 +250,7 @@ def build_report(
     pruning_html = _pruning_section(loaded)
     table = variant_table(summary)
     table.to_csv(out / "configurations.csv", index=False)
-    for name in ("summary", "variants", "efficiency", "scores"):
+    for name in TABLES:
         if (tables / f"{name}.parquet").is_file():
             shutil.copy2(tables / f"{name}.parquet", out / f"{name}.parquet")
     budget_html = []

@@ -34,6 +34,7 @@ __all__ = [
     "provenance",
     "read_predictions",
     "score_rows",
+    "size_columns",
     "summarise",
     "variant_method",
     "variant_steps",
@@ -319,3 +320,15 @@ def merge_shards(shards: list[pd.DataFrame], dataset: pd.DataFrame) -> pd.DataFr
         raise ValueError(f"{len(extra)} predicted samples are not in the dataset, e.g. {sorted(extra)[:3]}")
     merged = merged.iloc[merged["sample_id"].map(order).argsort()].reset_index(drop=True)
     return merged
+
+
+def size_columns(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The summary's size columns of a variant, from its manifest."""
+    return {
+        "method": variant_method(manifest),
+        "size_bytes": manifest.get("serialized_size_bytes"),
+        "nominal_size_bytes": manifest.get("nominal_size_bytes"),
+        "nominal_bits": manifest.get("nominal_bits_per_parameter"),
+        "representation": manifest.get("representation"),
+        "simulated": manifest.get("simulated"),
+    }

@@ -2,6 +2,9 @@
 
 Six layers per part, so each third (first/middle/last) holds two layers. Widths differ per part
 (vision 32, bridge 24, language 40) so parameter fractions are distinct per part.
+
+Also the tiny BLIP-2 OPT and BLIP models with their calibration data, which the GPTQ, AWQ and
+calibration tests share, and :func:`logit_error`, how far a variant's logits move.
 """
 
 from __future__ import annotations
@@ -11,6 +14,11 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+
+from vlmopt.compress import apply_variant
+from vlmopt.compress.calibration import Calibration
+from vlmopt.models import load_model
+from vlmopt.tasks.encode import calibration_batches
 
 DV, DB, DL = 32, 24, 40
 PATCH_DIM, N_PATCHES, N_QUERIES, VOCAB = 12, 5, 4, 50
@@ -249,3 +257,33 @@ def toy_factory() -> Callable[[int], tuple[ToyBlip2, dict[str, list[tuple[str, n
 @pytest.fixture
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return toy_inputs()
+
+
+@pytest.fixture(scope="module", params=["blip2-opt", "blip"])
+def tiny(request, shapes_texts):
+    """The tiny BLIP-2 OPT and BLIP models, for GPTQ and AWQ on whole models."""
+    return load_model(f"tiny:{request.param}", texts=shapes_texts, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(tiny, shapes_train, shapes_test, shapes_root):
+    """Calibration batches of ``tiny`` from the train split, and held-out batches from the test split."""
+    calibration = Calibration(*calibration_batches(tiny, shapes_train, shapes_root, n_samples=32, batch_size=8))
+    held_out = Calibration(*calibration_batches(tiny, shapes_test, shapes_root, n_samples=16, batch_size=8, seed=5))
+    return calibration, held_out
+
+
+def logit_error(loaded, steps, calibration, held_out) -> tuple[float, dict]:
+    """Mean squared logit error on held-out samples after ``steps``; restores the model afterwards."""
+    model = loaded.model
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        reference = [model(**b).logits for b in held_out.batches]
+    try:
+        manifest = apply_variant(model, loaded.parts(), steps, calibration=calibration)
+        with torch.no_grad():
+            out = [model(**b).logits for b in held_out.batches]
+    finally:
+        model.load_state_dict(original)
+    error = sum(float((o - r).pow(2).mean()) for o, r in zip(out, reference, strict=True)) / len(out)
+    return error, manifest

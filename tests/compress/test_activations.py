@@ -7,8 +7,9 @@ import torch
 
 from vlmopt.compress import ActivationQuantizer, apply_variant
 from vlmopt.compress.activations import activation_quantizer
+from vlmopt.compress.saved import load_variant
 from vlmopt.models import load_model
-from vlmopt.pipeline import compress_model, load_variant
+from vlmopt.pipeline import compress_model
 
 
 def test_each_token_is_rounded_to_its_own_grid():
@@ -57,9 +58,10 @@ def blip2_dir(tmp_path_factory, shapes_texts):
 
 @pytest.fixture(scope="module")
 def batch(blip2_dir, shapes_test, shapes_root):
-    from vlmopt.compress.calibrate import Calibration
+    from vlmopt.tasks.encode import calibration_batches
 
-    return Calibration.from_table(load_model(blip2_dir), shapes_test, shapes_root, n_samples=4, batch_size=4).batches[0]
+    batches, _ = calibration_batches(load_model(blip2_dir), shapes_test, shapes_root, n_samples=4, batch_size=4)
+    return batches[0]
 
 
 def _logits(loaded, batch):

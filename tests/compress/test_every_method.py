@@ -7,8 +7,9 @@ import torch
 
 from tests.compress.test_every_family import NOT_APPLICABLE
 from vlmopt.compress import METHODS
+from vlmopt.compress.saved import load_variant
 from vlmopt.models import FAMILIES, load_model
-from vlmopt.pipeline import compress_loaded, load_variant
+from vlmopt.pipeline import compress_loaded
 
 #: Variants beyond one per method: a second backend, and a composed variant.
 EXTRA = ("dynamic_int8-fbgemm", "composed")
@@ -55,9 +56,10 @@ def source(request, tmp_path_factory, shapes_texts):
 
 @pytest.fixture(scope="module")
 def batch(source, shapes_test, shapes_root):
-    from vlmopt.compress.calibrate import Calibration
+    from vlmopt.tasks.encode import calibration_batches
 
-    return Calibration.from_table(load_model(source), shapes_test, shapes_root, n_samples=4, batch_size=4).batches[0]
+    batches, _ = calibration_batches(load_model(source), shapes_test, shapes_root, n_samples=4, batch_size=4)
+    return batches[0]
 
 
 def _logits(loaded, batch) -> torch.Tensor:

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from vlmopt.compress import TrainingData, apply_variant, compress
+from vlmopt.compress.saved import load_variant
+from vlmopt.finetune.full import finetune
 from vlmopt.models import load_model
-from vlmopt.pipeline import compress_model, load_variant
+from vlmopt.pipeline import compress_model
 
 TARGETS = ["q_proj", "k_proj", "query", "key"]
 
@@ -41,7 +43,7 @@ def data_root(tmp_path_factory, shapes_root):
 
 
 def _provider(loaded, shapes_train, shapes_root):
-    return lambda spec: TrainingData(loaded, shapes_train, shapes_root)
+    return lambda spec: TrainingData(loaded, shapes_train, shapes_root, fit=finetune)
 
 
 def _logits(loaded, batch) -> torch.Tensor:
@@ -51,9 +53,10 @@ def _logits(loaded, batch) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def batch(blip2_dir, shapes_test, shapes_root):
-    from vlmopt.compress.calibrate import Calibration
+    from vlmopt.tasks.encode import calibration_batches
 
-    return Calibration.from_table(load_model(blip2_dir), shapes_test, shapes_root, n_samples=8, batch_size=8).batches[0]
+    batches, _ = calibration_batches(load_model(blip2_dir), shapes_test, shapes_root, n_samples=8, batch_size=8)
+    return batches[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vlmopt.compress import apply_variant, serialized_size
+from vlmopt.compress.saved import load_variant
 from vlmopt.models import load_model
-from vlmopt.pipeline import compress_model, load_variant
+from vlmopt.pipeline import compress_model
 
 
 @pytest.fixture(scope="module", params=["blip", "blip2-opt"])
@@ -21,7 +22,7 @@ def model_dir(request, tmp_path_factory, shapes_texts):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_cast_halves_the_model_and_reloads(model_dir, dtype, tmp_path, shapes_test, shapes_root):
-    from vlmopt.compress.calibrate import Calibration
+    from vlmopt.tasks.encode import calibration_batches
 
     out = tmp_path / dtype
     dense = load_model(model_dir)
@@ -45,7 +46,8 @@ def test_cast_halves_the_model_and_reloads(model_dir, dtype, tmp_path, shapes_te
     # The dense model was float32; the kept float32 Q-Former makes up a fifth of tiny BLIP-2.
     assert written["serialized_size_bytes"] < (0.8 if kept else 0.6) * serialized_size(dense.model)
     # The reloaded model computes exactly what a cast of the original computes.
-    batch = Calibration.from_table(dense, shapes_test, shapes_root, n_samples=4, batch_size=4).batches[0]
+    batches, _ = calibration_batches(dense, shapes_test, shapes_root, n_samples=4, batch_size=4)
+    batch = batches[0]
     fresh = load_model(model_dir)
     apply_variant(fresh.model, fresh.parts(), [{"method": "precision", "dtype": dtype}])
     cast = fresh.model

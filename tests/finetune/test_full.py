@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmopt.finetune import FullFinetuneConfig, finetune
+from vlmopt.finetune.config import FullFinetuneConfig
+from vlmopt.finetune.full import finetune
 from vlmopt.models import load_model
 
 
@@ -54,5 +55,8 @@ def test_bad_settings_name_the_key():
         FullFinetuneConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="batch_size"):
         FullFinetuneConfig.from_dict({"batch_size": 0})
+    with pytest.raises(ValueError, match="tasks must be a list of task names"):
+        FullFinetuneConfig.from_dict({"tasks": "captioning"})
+    # Task names are checked against the registry when training starts, before any image is read.
     with pytest.raises(ValueError, match="unknown task 'ocr'"):
-        FullFinetuneConfig.from_dict({"tasks": ["ocr"]})
+        finetune(None, None, "no-such-folder", FullFinetuneConfig.from_dict({"tasks": ["ocr"]}), checkpoint_dir="x")

@@ -289,7 +289,8 @@ def source(tmp_path_factory, shapes_texts):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_compression_method_changes_saves_and_reloads(method, source, shapes_root, test_images, tmp_path):
-    from vlmopt.pipeline import compress_loaded, load_variant
+    from vlmopt.compress.saved import load_variant
+    from vlmopt.pipeline import compress_loaded
 
     images = test_images[:4]
     dense = _scores(load_model(source), images, TEXTS)

@@ -11,8 +11,7 @@ from vlmopt.finetune.full import FullFinetuneConfig, finetune
 from vlmopt.infer import predict
 from vlmopt.models import load_model
 from vlmopt.models.clip import contrastive_loss
-from vlmopt.pipeline import _similarity_metrics
-from vlmopt.tasks import RetrievalTask
+from vlmopt.tasks import RetrievalTask, get_task
 
 
 def test_contrastive_loss_counts_identical_captions_as_positives():
@@ -71,7 +70,7 @@ def test_finetuning_clip_improves_held_out_retrieval(shapes_texts, shapes_root, 
 
     def r_mean():
         df = predict(loaded, shapes_test, shapes_root, "retrieval", batch_size=24, generate_kwargs={}, progress=False)
-        return _similarity_metrics("retrieval", df, shapes_test)["r_mean"]
+        return get_task("retrieval").score(df, shapes_test)["r_mean"]
 
     before = r_mean()
     config = FullFinetuneConfig.from_dict({"epochs": 15, "lr": 2e-3, "batch_size": 16})

@@ -324,7 +324,8 @@ RELOADS = ("uniform", "dynamic_int8", "gptq", "awq", "prune_layers", "precision"
 
 @pytest.mark.parametrize("method", list(VARIANTS))
 def test_compression_variants(method, source, shapes_root, test_images, tmp_path):
-    from vlmopt.pipeline import compress_loaded, load_variant
+    from vlmopt.compress.saved import load_variant
+    from vlmopt.pipeline import compress_loaded
 
     loaded = load_model(source)
     model = loaded.model
@@ -407,7 +408,8 @@ def test_lora_recovery_trains_on_the_images(source, shapes_root, tmp_path):
 
 
 def test_svd_factors_reload(source, shapes_root, test_images, tmp_path):
-    from vlmopt.pipeline import compress_loaded, load_variant
+    from vlmopt.compress.saved import load_variant
+    from vlmopt.pipeline import compress_loaded
 
     loaded = load_model(source)
     encoded = ADAPTER.encode(loaded, test_images[:2], [ADAPTER.prompt("captioning")] * 2)
@@ -417,7 +419,8 @@ def test_svd_factors_reload(source, shapes_root, test_images, tmp_path):
 
 
 def test_precision_reload_matches_the_evaluated_model(source, shapes_root, test_images, tmp_path):
-    from vlmopt.pipeline import compress_loaded, load_variant
+    from vlmopt.compress.saved import load_variant
+    from vlmopt.pipeline import compress_loaded
 
     loaded = load_model(source)
     encoded = ADAPTER.encode(loaded, test_images[:2], [ADAPTER.prompt("captioning")] * 2)

@@ -360,14 +360,16 @@ def source(tmp_path_factory, shapes_texts):
 
 @pytest.fixture(scope="module")
 def calibration_batch(source, shapes_test, shapes_root):
-    from vlmopt.compress.calibrate import Calibration
+    from vlmopt.tasks.encode import calibration_batches
 
-    return Calibration.from_table(load_model(source), shapes_test, shapes_root, n_samples=4, batch_size=4).batches[0]
+    batches, _ = calibration_batches(load_model(source), shapes_test, shapes_root, n_samples=4, batch_size=4)
+    return batches[0]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_compression_method_changes_saves_and_reloads(method, source, calibration_batch, shapes_root, tmp_path):
-    from vlmopt.pipeline import compress_loaded, load_variant
+    from vlmopt.compress.saved import load_variant
+    from vlmopt.pipeline import compress_loaded
 
     dense = _logits(load_model(source), calibration_batch)
     loaded = load_model(source)

@@ -39,11 +39,12 @@ from transformers import (
     BlipProcessor,
 )
 
+from vlmopt.compress.saved import load_variant
 from vlmopt.data.images import open_image
 from vlmopt.models import get_family
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.tokenizer import train_word_tokenizer
-from vlmopt.pipeline import compress_model, load_variant
+from vlmopt.pipeline import compress_model
 from vlmopt.profiling.latency import measure_latency
 from vlmopt.profiling.variant import profile_variant
 from vlmopt.tasks import get_task

@@ -2,26 +2,34 @@
 
 Entry points: :func:`compress` applies a list of step dicts to a loaded model and returns its
 :class:`Manifest`; :func:`apply_variant` runs a list of step dicts on a model described by its
-``parts`` and returns the manifest; :func:`apply_runtime_steps` re-applies runtime steps (such
-as ``dynamic_int8``) after a compressed model folder is loaded; :func:`write_manifest` and
-:func:`serialized_size` finish the compressed folder; :func:`restore_structure` rebuilds SVD
-factorizations on a model loaded from such a folder (before the runtime steps).
+``parts`` and returns the manifest; :func:`save_variant` writes the compressed folder with its
+manifest and :func:`load_variant` loads one back as it was evaluated, each method restoring its
+own structure (:mod:`vlmopt.compress.saved`). The methods are listed in :data:`METHODS`
+(:mod:`vlmopt.compress.methods`), each handler called as :mod:`vlmopt.compress.step` describes.
 """
 
 from __future__ import annotations
 
 from vlmopt.compress.activations import ActivationQuantizer, restore_activation_quant
 from vlmopt.compress.api import Manifest, compress
-from vlmopt.compress.awq import AWQResult, awq_quantize, awq_quantize_weight
-from vlmopt.compress.calibrate import Calibration
-from vlmopt.compress.calibrated import AWQConfig, GPTQConfig
+from vlmopt.compress.awq import AWQConfig, AWQResult, awq_quantize, awq_quantize_weight
+from vlmopt.compress.calibration import Calibration
 from vlmopt.compress.dynamic_int8 import DynamicInt8Config
-from vlmopt.compress.gptq import GPTQCholeskyError, GPTQResult, HessianAccumulator, gptq_quantize, gptq_quantize_weight
-from vlmopt.compress.heads import PruneHeadsConfig, load_head_pruned, restore_pruned_heads
+from vlmopt.compress.gptq import (
+    GPTQCholeskyError,
+    GPTQConfig,
+    GPTQResult,
+    HessianAccumulator,
+    gptq_quantize,
+    gptq_quantize_weight,
+)
 from vlmopt.compress.lora import LoRAConfig, TrainingData, restore_adapters, save_adapters
 from vlmopt.compress.manifest import serialized_size, write_manifest
+from vlmopt.compress.methods import METHODS, RUNTIME_METHODS, Method
 from vlmopt.compress.precision import PrecisionConfig
-from vlmopt.compress.prune import PruneLayersConfig, refresh_parts
+from vlmopt.compress.prune_heads import PruneHeadsConfig
+from vlmopt.compress.prune_heads_saved import load_head_pruned, restore_pruned_heads
+from vlmopt.compress.prune_layers import PruneLayersConfig, refresh_parts
 from vlmopt.compress.quant import (
     QuantSpec,
     choose_qparams,
@@ -31,6 +39,7 @@ from vlmopt.compress.quant import (
     rtn_quantize_weight,
     weight_quant_spec,
 )
+from vlmopt.compress.saved import load_variant, save_variant
 from vlmopt.compress.select import (
     PARTS,
     ModuleRef,
@@ -40,12 +49,10 @@ from vlmopt.compress.select import (
     role_of,
     select_modules,
 )
+from vlmopt.compress.step import StepInputs
 from vlmopt.compress.svd import LowRankLinear, SVDConfig, rank_from_ratio, restore_structure
 from vlmopt.compress.uniform import UniformConfig
 from vlmopt.compress.variant import (
-    METHODS,
-    RUNTIME_METHODS,
-    Method,
     apply_runtime_steps,
     apply_variant,
     parse_step,
@@ -66,6 +73,7 @@ __all__ = [
     "GPTQResult",
     "HessianAccumulator",
     "LoRAConfig",
+    "StepInputs",
     "LowRankLinear",
     "Manifest",
     "Method",
@@ -81,6 +89,8 @@ __all__ = [
     "UniformConfig",
     "apply_runtime_steps",
     "apply_variant",
+    "load_variant",
+    "save_variant",
     "attention_kind_of",
     "awq_quantize",
     "awq_quantize_weight",

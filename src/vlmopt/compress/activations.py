@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmopt.compress.prune import final_name
+from vlmopt.compress.prune_layers import final_name
 from vlmopt.compress.quant import QuantSpec, fake_quantize
 
 __all__ = ["ActivationQuantizer", "activation_quantizer", "quantize_inputs", "restore_activation_quant"]

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vlmopt.compress.calibrate import Calibration
+from vlmopt.compress.calibration import Calibration
 from vlmopt.compress.lora import TrainingData
 from vlmopt.compress.variant import apply_variant
 
@@ -43,10 +43,10 @@ def compress(
 ) -> Manifest:
     """Apply ``steps`` to ``loaded.model`` in place (runtime steps included) and return the manifest.
 
-    ``loaded`` is a :class:`~vlmopt.models.base.LoadedModel`; ``calibration`` (see
-    :meth:`Calibration.from_table`) serves GPTQ and AWQ steps, ``training`` (a function from
-    ``{dataset, split}`` to :class:`~vlmopt.compress.lora.TrainingData`) serves LoRA steps. To
-    save the result with its manifest, use :func:`vlmopt.pipeline.compress_model` (or
+    ``loaded`` is a :class:`~vlmopt.models.base.LoadedModel`; ``calibration`` (batches from
+    :func:`vlmopt.tasks.encode.calibration_batches`) serves GPTQ and AWQ steps, ``training`` (a
+    function from ``{dataset, split}`` to :class:`~vlmopt.compress.lora.TrainingData`) serves LoRA
+    steps. To save the result with its manifest, use :func:`vlmopt.pipeline.compress_model` (or
     ``vlmopt compress``), which handles runtime steps, factorized layers and kept adapters on reload.
     """
     return Manifest(apply_variant(loaded.model, loaded.parts(), steps, calibration=calibration, training=training))

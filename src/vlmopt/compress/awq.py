@@ -1,4 +1,4 @@
-"""AWQ (activation-aware weight quantization) of linear layers, as pure tensor functions.
+"""AWQ (activation-aware weight quantization): the math for linear layers, and the ``awq`` step.
 
 AWQ (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and
 Acceleration", MLSys 2024, https://arxiv.org/abs/2306.00978) protects the weights that meet large
@@ -23,28 +23,44 @@ along dim 0, so the loss is the error of all their outputs together.
 
 :class:`AWQResult` carries both forms of the result: ``scaled_weight`` ``Q(W * s)`` (on the
 grid), for a model that folds ``1 / s`` into the op before the layer (a norm's weight and bias, or
-the rows of a preceding linear; see :func:`vlmopt.compress.calibrated.apply_awq`), and ``weight``
+the rows of a preceding linear; see :func:`apply_awq`), and ``weight``
 ``Q(W * s) / s``, the effective weight that computes the same thing where nothing can absorb
 ``1 / s``. :func:`awq_quantize_weight` returns the latter, so ``inputs @ W'.T`` is what the scaled
 layer computes.
+
+An ``awq`` step (:class:`AWQConfig`, :func:`apply_awq`) does this layer by layer on a whole model
+(:mod:`vlmopt.compress.calibration`), one scale vector per set of Linears that read the same input,
+folded into the op before them where that is exact (:mod:`vlmopt.compress.awq_scales`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
+from vlmopt.compress.step import StepInputs, StepResult
+
+from .awq_scales import _fold_groups, _layer_name, _LayerTrace, _ScaleGroup, _shared_input_groups, _trace_layer
+from .calibration import _CalibratedSpec, _effective_group, _run_layers
 from .quant import QuantSpec, fake_quantize, weight_quant_spec
+from .select import ModuleRef
 
 __all__ = [
+    "AWQConfig",
     "AWQResult",
+    "apply_awq",
     "awq_quantize",
     "awq_quantize_weight",
     "awq_search_clip",
     "awq_search_scale",
 ]
+
+log = logging.getLogger(__name__)
 
 # Floor of x_mean^alpha before normalisation, as in the reference implementation.
 _MIN_SCALE = 1e-4
@@ -242,3 +258,110 @@ def awq_quantize_weight(
 ) -> torch.Tensor:
     """AWQ effective weight ``Q(clip(W * s)) / s`` in ``weight``'s dtype (see :func:`awq_quantize`)."""
     return awq_quantize(weight, inputs, bits=bits, group_size=group_size, n_grid=n_grid, clip=clip).weight
+
+
+@dataclass(frozen=True, kw_only=True)
+class AWQConfig(_CalibratedSpec):
+    """Settings of one ``awq`` step (Lin et al. 2023): 4 bits, groups of 128, a 20-point scale grid."""
+
+    method = "awq"
+
+    bits: int = 4
+    group_size: int | None = 128
+    n_grid: int = 20
+    clip: bool = False
+    #: Fold the scales into the preceding norm or Linear where exact; false keeps them all in the weights.
+    fold: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_grid < 1:
+            raise ValueError(f"awq: n_grid must be positive, got {self.n_grid}")
+        if not isinstance(self.fold, bool):
+            raise ValueError(f"awq: fold must be true or false, got {self.fold!r}")
+
+
+def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs: StepInputs) -> StepResult:
+    """AWQ every selected Linear, layer by layer, folding each group's scales where that is exact.
+
+    Linears of a layer that read the same input tensor share one scale vector, searched on their
+    weights stacked along dim 0. With ``fold``, ``1 / s`` goes into the norm that produced the
+    input (or into the rows of the selected Linear that ran just before, for a later group) and
+    the Linears store ``Q(W * s)``; each fold is kept only if the layer's outputs on the
+    calibration inputs match those of the unfolded form, which stores ``Q(W * s) / s``.
+    """
+    parts, calibration = inputs.parts, inputs.need_calibration("awq")
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    counts = {"norm": 0, "linear": 0, "weight": 0, "rejected": 0, "unit": 0}
+
+    def quantize_group(layer: nn.Module | None, group: list[ModuleRef]) -> dict[str, dict[str, Any]]:
+        trace = _trace_layer(model, layer, _layer_name(model, layer), group, calibration)
+        scale_groups = [_search_group(members, trace, config) for members in _shared_input_groups(group, trace)]
+        originals = {ref.name: ref.module.weight.detach().clone() for ref in group}
+        with torch.no_grad():
+            for g in scale_groups:
+                for ref, effective in zip(g.refs, g.effective, strict=True):
+                    ref.module.weight.copy_(effective)
+        if config.fold and layer is not None:
+            _fold_groups(model, layer, scale_groups, trace, owners)
+        out = {}
+        for g in scale_groups:
+            counts[g.kind] += 1
+            counts["rejected"] += g.kind == "weight" and g.candidate is not None
+            counts["unit"] += bool((g.result.scales == 1).all())
+            for ref in g.refs:
+                out[ref.name] = {
+                    "elements_changed": int((ref.module.weight != originals[ref.name]).sum()),
+                    "calibration_tokens": int(g.inputs.shape[0]),
+                    "alpha": g.result.alpha,
+                    "scale_group": [r.name for r in g.refs],
+                    "scale_folded_into": g.folded_into,
+                    "folded_params": list(g.folded_params),
+                    "fold_candidate": g.candidate,
+                    "fold_relative_error": g.fold_error,
+                }
+        for g in scale_groups:
+            if g.kind == "linear":
+                out[g.folded_into].setdefault("holds_scales_of", []).extend(r.name for r in g.refs)
+        return out
+
+    details = _run_layers(model, parts, refs, calibration, quantize_group)
+    log.info(
+        "awq: %d scale groups: %d folded into norms, %d into linear layers, %d kept in the weights "
+        "(%d with the fold rejected by the output check, %d with unit scales)",
+        sum(counts[k] for k in ("norm", "linear", "weight")),
+        counts["norm"],
+        counts["linear"],
+        counts["weight"],
+        counts["rejected"],
+        counts["unit"],
+    )
+    return details, None
+
+
+def _search_group(members: list[ModuleRef], trace: _LayerTrace, config: AWQConfig) -> _ScaleGroup:
+    """One scale search on the stacked weights of ``members`` and their common calibration input."""
+    reads = trace.reads[members[0].name]
+    x = torch.cat([trace.inputs[ident] for ident in reads])
+    weights = [ref.module.weight.detach() for ref in members]
+    result = awq_quantize(
+        torch.cat(weights),
+        x,
+        bits=config.bits,
+        group_size=_effective_group(members[0], config.group_size),
+        n_grid=config.n_grid,
+        clip=config.clip,
+    )
+    rows = [w.shape[0] for w in weights]
+    producers = {trace.producers.get(ident) for ident in reads}
+    norm = producers.pop() if len(producers) == 1 else None
+    return _ScaleGroup(
+        refs=members,
+        inputs=x,
+        result=result,
+        grid=list(result.scaled_weight.split(rows)),
+        effective=list(result.weight.split(rows)),
+        norm=norm,
+    )

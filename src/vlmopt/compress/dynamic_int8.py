@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from vlmopt.compress.select import ModuleRef, SelectionSpec
+from vlmopt.compress.step import StepInputs, StepResult
 
 __all__ = ["DynamicInt8Config", "apply_dynamic_int8", "torchao_version"]
 
@@ -91,13 +92,15 @@ def torchao_version() -> str:
 
 
 @torch.no_grad()
-def apply_dynamic_int8(model: nn.Module, refs: list[ModuleRef], config: DynamicInt8Config) -> dict[str, dict[str, Any]]:
+def apply_dynamic_int8(
+    model: nn.Module, refs: list[ModuleRef], config: DynamicInt8Config, inputs: StepInputs
+) -> StepResult:
     """Quantize the weights of ``refs`` to int8 in place; per module, the new weight type.
 
     Raises ``RuntimeError`` if a selected module did not end up with an int8 weight.
     """
     if config.backend == "fbgemm":
-        return _apply_fbgemm(model, refs)
+        return _apply_fbgemm(model, refs), None
     torchao = _torchao()
     names = {ref.name for ref in refs}
     ao_config = torchao.quantization.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
@@ -109,7 +112,7 @@ def apply_dynamic_int8(model: nn.Module, refs: list[ModuleRef], config: DynamicI
         if qdata is None or qdata.dtype != torch.int8:
             raise RuntimeError(f"dynamic_int8: {ref.name} still has a {type(weight).__name__} weight after quantize_")
         details[ref.name] = {"bits": 8, "weight_type": type(weight).__name__}
-    return details
+    return details, None
 
 
 def _apply_fbgemm(model: nn.Module, refs: list[ModuleRef]) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""GPTQ weight quantization of one linear layer, as pure tensor functions.
+"""GPTQ weight quantization: the math for one linear layer, and the ``gptq`` step on a whole model.
 
 GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers", ICLR 2023, https://arxiv.org/abs/2210.17323) quantizes the columns of a weight
@@ -26,8 +26,8 @@ Quantization grids are those of :mod:`vlmopt.compress.quant` (min-max, asymmetri
 zero point and 0 in range, or symmetric with ``2^bits - 1`` levels). The Hessian inverse is
 computed in float64; the column loop runs in float32 (float64 weights stay float64).
 
-The model-level code collects ``X`` with forward hooks into a :class:`HessianAccumulator` and
-calls :func:`gptq_quantize` with ``accumulator.hessian()``.
+A ``gptq`` step (:class:`GPTQConfig`, :func:`apply_gptq`) does this layer by layer on a whole model
+(:mod:`vlmopt.compress.calibration`), with ``X`` in a :class:`HessianAccumulator`; weights stay floats.
 """
 
 from __future__ import annotations
@@ -35,15 +35,23 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
+from vlmopt.compress.step import StepInputs, StepResult
+
+from .calibration import _CalibratedSpec, _effective_group, _run_layers, capture_layer_inputs
 from .quant import QuantSpec, choose_qparams, quant_range, weight_quant_spec
+from .select import ModuleRef
 
 __all__ = [
     "GPTQCholeskyError",
+    "GPTQConfig",
     "GPTQResult",
     "HessianAccumulator",
+    "apply_gptq",
     "gptq_quantize",
     "gptq_quantize_weight",
 ]
@@ -329,3 +337,65 @@ def gptq_quantize_weight(
         static_groups=static_groups,
     )
     return result.weight
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(_CalibratedSpec):
+    """Settings of one ``gptq`` step (Frantar et al. 2022); defaults as in the reference implementation."""
+
+    method = "gptq"
+
+    symmetric: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.damp < 1:
+            raise ValueError(f"gptq: damp must be between 0 and 1 (a fraction of the mean diagonal), got {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"gptq: block_size must be positive, got {self.block_size}")
+
+
+def apply_gptq(model: nn.Module, refs: list[ModuleRef], config: GPTQConfig, inputs: StepInputs) -> StepResult:
+    """GPTQ every selected Linear, layer by layer, each layer calibrated after the ones before it."""
+    parts, calibration = inputs.parts, inputs.need_calibration("gptq")
+
+    def quantize_group(layer: nn.Module | None, group: list[ModuleRef]) -> dict[str, dict[str, Any]]:
+        hessians = {ref.name: HessianAccumulator(ref.module.weight.shape[1]) for ref in group}
+        capture_layer_inputs(model, layer, group, calibration, lambda ref, x: hessians[ref.name].add(x))
+        out = {}
+        for ref in group:
+            weight = ref.module.weight
+            result = gptq_quantize(
+                weight.detach(),
+                hessians[ref.name].hessian(),
+                bits=config.bits,
+                group_size=_effective_group(ref, config.group_size),
+                sym=config.symmetric,
+                act_order=config.act_order,
+                static_groups=config.static_groups,
+                damp=config.damp,
+                block_size=config.block_size,
+            )
+            new = result.weight.to(weight.dtype)
+            changed = int((new != weight).sum())
+            with torch.no_grad():
+                weight.copy_(new)
+            out[ref.name] = {
+                "elements_changed": changed,
+                "calibration_tokens": hessians[ref.name].n,
+                "damp_used": result.damp_used,
+                "damp_retries": result.retries,
+                "dead_columns": result.dead_columns,
+                "hessian_error": result.hessian_error,
+            }
+            if result.retries:
+                log.warning(
+                    "%s: Cholesky failed, damping raised to %g (%d retries)", ref.name, result.damp_used, result.retries
+                )
+        return out
+
+    return _run_layers(model, parts, refs, calibration, quantize_group), None

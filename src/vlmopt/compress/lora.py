@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from vlmopt.compress.select import ModuleRef, NothingSelectedError, Parts, SelectionSpec
+from vlmopt.compress.step import StepInputs, StepResult
+from vlmopt.data.schema import SPLITS
 
 __all__ = [
     "ADAPTER_DIR",
@@ -68,11 +70,16 @@ TRAINING_KEYS = {
 
 @dataclass
 class TrainingData:
-    """What a ``lora`` step trains on: the loaded model's processor and adapter, a split table and its images."""
+    """What a ``lora`` step trains on: the loaded model's processor and adapter, a split table and its
+    images, and the training function: ``fit(loaded, table, root, config, checkpoint_dir=)`` with a
+    :class:`~vlmopt.finetune.config.FullFinetuneConfig`, returning the run's summary
+    (:func:`vlmopt.finetune.full.finetune`; handed in, so that compression never imports the tasks
+    training reads its examples through)."""
 
     loaded: Any
     table: pd.DataFrame
     root: Path
+    fit: Callable[..., dict[str, Any]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,8 +116,8 @@ class LoRAConfig(SelectionSpec):
             raise ValueError(f"lora: merge must be true or false, got {self.merge!r}")
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError("lora: dataset must name the dataset to train on")
-        if self.split not in ("train", "val", "test"):
-            raise ValueError(f"lora: split {self.split!r} is not one of train, val, test")
+        if self.split not in SPLITS:
+            raise ValueError(f"lora: split {self.split!r} is not one of {', '.join(SPLITS)}")
         if self.n is not None and (isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1):
             raise ValueError(f"lora: n must be a positive integer or null (the whole split), got {self.n!r}")
         if not isinstance(self.training, Mapping):
@@ -122,8 +129,8 @@ class LoRAConfig(SelectionSpec):
         self.finetune_config()
 
     def finetune_config(self) -> Any:
-        """The :class:`~vlmopt.finetune.full.FullFinetuneConfig` of the training run (validated)."""
-        from vlmopt.finetune.full import FullFinetuneConfig
+        """The :class:`~vlmopt.finetune.config.FullFinetuneConfig` of the training run (validated)."""
+        from vlmopt.finetune.config import FullFinetuneConfig
 
         settings = {**TRAINING_KEYS, **self.training}
         try:
@@ -194,15 +201,13 @@ def has_adapters(model: nn.Module) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
-def apply_lora(
-    model: nn.Module, refs: list[ModuleRef], config: LoRAConfig, parts: Parts, *, training: TrainingData
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def apply_lora(model: nn.Module, refs: list[ModuleRef], config: LoRAConfig, inputs: StepInputs) -> StepResult:
     """Train LoRA adapters on the selected modules, then merge or keep them; per-module details and a summary.
 
     The summary describes the training run (steps, seconds, first and last loss, trainable
     parameters, samples).
     """
-    from vlmopt.finetune.full import finetune
+    training = inputs.need_training("lora")
     from vlmopt.models.base import LoadedModel
 
     names = [ref.name for ref in refs]
@@ -223,7 +228,7 @@ def apply_lora(
     source = training.loaded
     handle = LoadedModel(model, source.processor, source.family, source.adapter, source.source)
     with tempfile.TemporaryDirectory(prefix="vlmopt-lora-") as checkpoints:
-        summary = finetune(handle, table, training.root, config.finetune_config(), checkpoint_dir=checkpoints)
+        summary = training.fit(handle, table, training.root, config.finetune_config(), checkpoint_dir=checkpoints)
     model.eval()
     if config.merge:
         _remove_adapters(model, merge=True)

@@ -16,7 +16,7 @@ dtype would load them: the cast model then computes what its reloaded copy compu
 manifest counts those tensors at 32 bits. The step's summary lists them (``kept_float32``).
 
 The dtype is recorded in the manifest and passed to the loader when the compressed folder is read
-back (:func:`vlmopt.pipeline.load_variant`), because not every configuration class restores a
+back (:func:`vlmopt.compress.saved.load_variant`), because not every configuration class restores a
 float16 checkpoint as float16 by itself. float16 has 5 exponent bits (range about 6e-5 to 65504,
 so large activations can overflow), bfloat16 keeps float32's 8 exponent bits with a 7-bit
 mantissa: see Micikevicius et al., "Mixed Precision Training", ICLR 2018,
@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec
+from vlmopt.compress.select import ModuleRef, SelectionSpec
+from vlmopt.compress.step import StepInputs, StepResult
 
 __all__ = ["PRECISION_DTYPES", "PrecisionConfig", "apply_precision", "kept_in_float32", "precision_dtype"]
 
@@ -68,9 +69,7 @@ class PrecisionConfig(SelectionSpec):
                 )
 
 
-def apply_precision(
-    model: nn.Module, refs: list[ModuleRef], config: PrecisionConfig, parts: Parts
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def apply_precision(model: nn.Module, refs: list[ModuleRef], config: PrecisionConfig, inputs: StepInputs) -> StepResult:
     """Cast ``model`` to ``config.dtype`` in place; per recorded Linear its width, and a step summary.
 
     Raises ``ValueError`` if the model already holds only ``dtype`` floats (the step would change

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from vlmopt.parts import PARTS
+
 __all__ = [
     "PARTS",
     "PART_CHOICES",
@@ -44,7 +46,6 @@ __all__ = [
 ]
 
 #: Model parts in pipeline order; a family may leave any of them absent or empty.
-PARTS = ("vision", "bridge", "language")
 PART_CHOICES = (*PARTS, "all")
 POSITIONS = ("first", "middle", "last", "all")
 ROLES = ("attention", "self_attention", "cross_attention", "mlp", "both")

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmopt.compress.prune import final_name
-from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec
+from vlmopt.compress.prune_layers import final_name
+from vlmopt.compress.select import ModuleRef, SelectionSpec
+from vlmopt.compress.step import StepInputs, StepResult
 
 __all__ = [
     "LowRankLinear",
@@ -184,9 +185,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_svd(
-    model: nn.Module, refs: list[ModuleRef], config: SVDConfig, parts: Parts
-) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def apply_svd(model: nn.Module, refs: list[ModuleRef], config: SVDConfig, inputs: StepInputs) -> StepResult:
     """Factorize every module of ``refs`` in place; per-module details and a step summary.
 
     Every rank is checked before any module changes, so a bad setting leaves the model intact.

@@ -30,6 +30,7 @@ from torch import nn
 from vlmopt.compress.activations import quantize_inputs
 from vlmopt.compress.quant import QuantSpec, fake_quantize
 from vlmopt.compress.select import ModuleRef, SelectionSpec
+from vlmopt.compress.step import StepInputs, StepResult
 
 __all__ = ["UniformConfig", "apply_uniform"]
 
@@ -73,7 +74,7 @@ class UniformConfig(SelectionSpec):
 
 
 @torch.no_grad()
-def apply_uniform(model: nn.Module, refs: list[ModuleRef], config: UniformConfig) -> dict[str, dict[str, Any]]:
+def apply_uniform(model: nn.Module, refs: list[ModuleRef], config: UniformConfig, inputs: StepInputs) -> StepResult:
     """Fake-quantize the weights of ``refs`` in place; per module, how many elements changed.
 
     ``model`` is unused (the handlers share one signature). A module whose weights were already
@@ -98,4 +99,4 @@ def apply_uniform(model: nn.Module, refs: list[ModuleRef], config: UniformConfig
             f"uniform: {config.to_dict()} selected {len(refs)} modules but changed no weight "
             "(all already exactly representable)"
         )
-    return details
+    return details, None

@@ -1,7 +1,7 @@
 """Apply a variant (an ordered list of compression steps) and describe what it changed.
 
-``METHODS`` maps a method name to its config class and handler, so adding a method is one
-module plus one entry here. Every step selects its modules through
+:data:`~vlmopt.compress.methods.METHODS` maps a method name to its config class and handler, so
+adding a method is one module plus one entry there. Every step selects its modules through
 :meth:`~vlmopt.compress.select.SelectionSpec.select` (one walker for all methods), then the
 handler changes them and reports per-module details. Steps that hold weights in a form the saved
 model cannot store (``runtime`` methods such as ``dynamic_int8``) must come last; they are
@@ -9,7 +9,7 @@ listed in the manifest's ``runtime_steps`` and re-applied after loading with
 :func:`apply_runtime_steps`.
 
 ``structural`` methods (``svd``, ``prune_layers``) change the model's structure rather than its
-weight values; their handlers also receive ``parts`` and return a step summary, the step entry
+weight values; their handlers return a step summary, the step entry
 records the model's parameter count before and after, later steps see the layers as they are
 after the change, and the manifest's parameter totals and nominal size count the parameters as
 they are at the end (removed parameters count zero).
@@ -19,23 +19,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlmopt.compress.calibrate import Calibration
-from vlmopt.compress.calibrated import AWQConfig, GPTQConfig, apply_awq, apply_gptq
-from vlmopt.compress.dynamic_int8 import DynamicInt8Config, apply_dynamic_int8, torchao_version
-from vlmopt.compress.heads import PruneHeadsConfig, apply_prune_heads
-from vlmopt.compress.lora import LoRAConfig, TrainingData, apply_lora
+from vlmopt.compress.calibration import Calibration
+from vlmopt.compress.lora import TrainingData
 from vlmopt.compress.manifest import ParamInfo, build_manifest, param_inventory
-from vlmopt.compress.precision import PrecisionConfig, apply_precision
-from vlmopt.compress.prune import PruneLayersConfig, apply_prune_layers, final_name, refresh_parts
+from vlmopt.compress.methods import METHODS, RUNTIME_METHODS, Method
+from vlmopt.compress.prune_layers import final_name, refresh_parts
 from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec, check_parts
-from vlmopt.compress.svd import SVDConfig, apply_svd
-from vlmopt.compress.uniform import UniformConfig, apply_uniform
+from vlmopt.compress.step import StepInputs
 
 __all__ = [
     "METHODS",
@@ -48,72 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[nn.Module, list[ModuleRef], Any], dict[str, dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A compression method: its settings, what it does, and how its result is held."""
-
-    config: type[SelectionSpec]
-    handler: Handler
-    #: Nominal bits per weight element after the step.
-    bits: Callable[[Any], int]
-    #: True when weights stay floats that only imitate the quantized values (fake quantization).
-    simulated: bool
-    #: True when the result cannot be saved as ordinary weights and is re-applied at load time.
-    runtime: bool
-    #: Library versions that determine the result, recorded in the manifest.
-    backend: Callable[[], dict[str, str]] = dict
-    #: True when the step changes the structure (parameter count); the handler then also takes
-    #: ``parts`` and returns ``(per-module details, step summary)``.
-    structural: bool = False
-    #: True when the handler needs calibration data; it then takes ``parts=`` and ``calibration=``.
-    calibrated: bool = False
-    #: True when the handler trains on a dataset split; it then also takes ``training=``.
-    trained: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "uniform": Method(UniformConfig, apply_uniform, bits=lambda c: c.bits, simulated=True, runtime=False),
-    "dynamic_int8": Method(
-        DynamicInt8Config,
-        apply_dynamic_int8,
-        bits=lambda c: 8,
-        simulated=False,
-        runtime=True,
-        backend=lambda: {"torchao": torchao_version()},
-    ),
-    # Not quantization: weights keep their dtype (the handlers record each module's dtype width).
-    "svd": Method(SVDConfig, apply_svd, bits=lambda c: 32, simulated=False, runtime=False, structural=True),
-    "prune_layers": Method(
-        PruneLayersConfig, apply_prune_layers, bits=lambda c: 32, simulated=False, runtime=False, structural=True
-    ),
-    "prune_heads": Method(
-        PruneHeadsConfig, apply_prune_heads, bits=lambda c: 32, simulated=False, runtime=False, structural=True
-    ),
-    "gptq": Method(GPTQConfig, apply_gptq, bits=lambda c: c.bits, simulated=True, runtime=False, calibrated=True),
-    "awq": Method(AWQConfig, apply_awq, bits=lambda c: c.bits, simulated=True, runtime=False, calibrated=True),
-    # Structural in the accounting sense: every parameter's width changes, not only the selected Linears'.
-    "precision": Method(
-        PrecisionConfig, apply_precision, bits=lambda c: 16, simulated=False, runtime=False, structural=True
-    ),
-    # Structural in the accounting: kept (unmerged) adapters add parameters.
-    "lora": Method(
-        LoRAConfig,
-        apply_lora,
-        bits=lambda c: 32,
-        simulated=False,
-        runtime=False,
-        structural=True,
-        trained=True,
-        backend=lambda: {"peft": _peft_version()},
-    ),
-}
-
-#: Names of the methods whose result is re-applied at load time instead of saved.
-RUNTIME_METHODS = frozenset(name for name, method in METHODS.items() if method.runtime)
 
 
 def parse_step(step: Mapping[str, Any]) -> tuple[Method, SelectionSpec]:
@@ -177,15 +106,12 @@ def _run_step(
     structure = None
     if not apply:
         details = {}
-    elif method.structural:
-        params_before = _count_params(model)
-        extra = {"training": training} if method.trained else {}
-        details, summary = method.handler(model, refs, config, parts, **extra)
-        structure = {**summary, "params_before": params_before, "params_after": _count_params(model)}
-    elif method.calibrated:
-        details = method.handler(model, refs, config, parts=parts, calibration=calibration)
     else:
-        details = method.handler(model, refs, config)
+        params_before = _count_params(model) if method.structural else None
+        inputs = StepInputs(parts, calibration=calibration, training=training)
+        details, summary = method.handler(model, refs, config, inputs)
+        if method.structural:
+            structure = {**summary, "params_before": params_before, "params_after": _count_params(model)}
     bits = method.bits(config)
     modules = [{**ref.record(), "bits": bits, **details.get(ref.name, {})} for ref in refs]
     entry = {
@@ -301,12 +227,6 @@ def _check_order(parsed: list[tuple[Method, SelectionSpec]]) -> None:
                 f"step {index}: {config.method} with merge: false keeps adapters beside the weights and must be the "
                 "last step of a variant"
             )
-
-
-def _peft_version() -> str:
-    from vlmopt.compress.lora import _peft
-
-    return str(_peft().__version__)
 
 
 def _count_params(model: nn.Module) -> int:

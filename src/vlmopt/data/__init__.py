@@ -20,6 +20,7 @@ from vlmopt.data.imagenetv2 import make_imagenetv2
 from vlmopt.data.karpathy import make_coco2014_karpathy, make_flickr30k_1k
 from vlmopt.data.rsicd import make_rsicd
 from vlmopt.data.schema import (
+    SPLITS,
     TASK_COLUMNS,
     dataset_texts,
     read_split,
@@ -32,6 +33,7 @@ from vlmopt.data.vqa_sources import make_gqa_testdev, make_textvqa_val, make_vqa
 
 __all__ = [
     "DATASETS",
+    "SPLITS",
     "TASK_COLUMNS",
     "DatasetSource",
     "dataset_texts",
@@ -56,7 +58,7 @@ class DatasetSource:
     #: Settings a study may pass to ``build``.
     options: tuple[str, ...]
     tasks: tuple[str, ...]
-    splits: tuple[str, ...] = ("train", "val", "test")
+    splits: tuple[str, ...] = SPLITS
     offline: bool = True
     description: str = ""
     #: Whether ``build`` downloads published files into a raw folder (``raw_dir``) first.

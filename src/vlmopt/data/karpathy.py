@@ -49,7 +49,8 @@ import pandas as pd
 
 from vlmopt.data.download import safe_extract
 from vlmopt.data.local_folders import require_folder, sync_images
-from vlmopt.data.sources import SPLITS, RemoteFile, deterministic_subset, fetch, write_splits
+from vlmopt.data.schema import SPLITS
+from vlmopt.data.sources import RemoteFile, deterministic_subset, fetch, write_splits
 
 __all__ = [
     "CAPTION_DATASETS",

@@ -30,13 +30,16 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from vlmopt.data.schema import write_table
+from vlmopt.data.schema import SPLITS, write_table
 
 __all__ = [
+    "CAPTIONER_DEFAULTS",
     "CSV_NAMES",
+    "LABELED_SOURCE",
     "LABELED_TASKS",
     "REASON_QUESTIONS",
     "STATEMENTS",
@@ -47,7 +50,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+#: The ``source`` of a study's dataset that is labeled from another dataset (by
+#: :func:`vlmopt.pipeline.label_dataset`) rather than prepared from published files.
+LABELED_SOURCE = "labeled"
+#: A labeled dataset's ``captioner`` settings where the study leaves them out: the finetuning slug
+#: of the captioning model (``none``: the model as built), whether a reason is asked for besides
+#: the caption, images per forward pass, generated tokens at most and beams (1 = greedy).
+CAPTIONER_DEFAULTS: dict[str, Any] = {
+    "finetune": "none",
+    "reason": True,
+    "batch_size": 16,
+    "max_new_tokens": 20,
+    "num_beams": 1,
+}
 #: The label statement of each label (0 real, 1 generated).
 STATEMENTS = {0: "This image is natural", 1: "This image is AI-generated"}
 _ADJECTIVES = {0: "natural", 1: "AI-generated"}

@@ -1,4 +1,4 @@
-"""The dataset table (DESIGN §3): one schema, checked on write, written byte-for-byte reproducibly.
+"""The dataset table: one schema, checked on write, written byte-for-byte reproducibly.
 
 A dataset split is ``<root>/<split>.parquet`` with one row per sample: ``sample_id``, ``image``
 (a path relative to ``<root>``) and the columns of each task the dataset serves. Checking the table
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "BASE_COLUMNS",
     "OPTIONAL_COLUMNS",
+    "SPLITS",
     "TASK_COLUMNS",
     "TEXT_COLUMNS",
     "column_order",
@@ -29,6 +30,9 @@ __all__ = [
     "validate_dataset_table",
     "write_table",
 ]
+
+#: The splits of every dataset, one ``<split>.parquet`` each (an empty table where a source has none).
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 _STR = pa.string()
 _STR_LIST = pa.list_(pa.string())

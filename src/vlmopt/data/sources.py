@@ -2,7 +2,7 @@
 
 A real source pins its files (:class:`RemoteFile`: URL and, where the publisher gives one, a
 checksum), fetches them into a raw folder that survives reruns (so an interrupted download
-resumes), converts the published layout into the canonical tables of DESIGN §3, and writes all
+resumes), converts the published layout into the canonical tables (:mod:`vlmopt.data.schema`), and writes all
 three splits: a split the dataset does not have is written empty, so every dataset offers the
 same three files to the workflow. ``mirror`` replaces every file's host with a mirror (or a test
 server) that serves the same file names.
@@ -19,11 +19,9 @@ import pandas as pd
 import pyarrow as pa
 
 from vlmopt.data.download import download
-from vlmopt.data.schema import _KNOWN, write_table
+from vlmopt.data.schema import _KNOWN, SPLITS, write_table
 
-__all__ = ["SPLITS", "RemoteFile", "deterministic_subset", "fetch", "write_splits"]
-
-SPLITS = ("train", "val", "test")
+__all__ = ["RemoteFile", "deterministic_subset", "fetch", "write_splits"]
 
 
 @dataclass(frozen=True)

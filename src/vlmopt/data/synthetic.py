@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from vlmopt.data.schema import write_table
+from vlmopt.data.schema import SPLITS, write_table
 
 __all__ = [
     "ANSWER_TYPES",
@@ -49,7 +49,6 @@ __all__ = [
     "POSITIONS",
     "QUESTION_TYPES",
     "SHAPES",
-    "SPLITS",
     "TASKS",
     "make_shapes",
     "render_shapes",
@@ -59,7 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 
 #: Palette colour of each colour word (saturated, far from the light background).
 COLORS: dict[str, tuple[int, int, int]] = {

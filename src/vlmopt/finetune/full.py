@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from vlmopt.data.images import open_image
 from vlmopt.device import to_model_device
+from vlmopt.finetune.config import FullFinetuneConfig
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import pixel_values
 from vlmopt.tasks import get_task, served_tasks
@@ -31,41 +32,6 @@ from vlmopt.tasks import get_task, served_tasks
 __all__ = ["FullFinetuneConfig", "finetune"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FullFinetuneConfig:
-    """Settings of a full finetuning run; unknown keys are rejected by :meth:`from_dict`."""
-
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    #: Tasks whose examples are trained on; None: the family's (``adapter.train_tasks``, else its tasks).
-    tasks: tuple[str, ...] | None = None
-    seed: int = 0
-    checkpoint_every: int = 200
-    warmup_steps: int = 50
-    max_steps: int | None = None
-
-    @classmethod
-    def from_dict(cls, settings: dict[str, Any]) -> FullFinetuneConfig:
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - allowed)
-        if unknown:
-            raise ValueError(f"unknown finetune setting(s) {unknown}; allowed: {sorted(allowed)}")
-        values = dict(settings)
-        if values.get("tasks") is not None:
-            values["tasks"] = tuple(values["tasks"])
-        config = cls(**values)
-        for name in ("epochs", "batch_size", "checkpoint_every", "warmup_steps"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"finetune setting {name} must be at least 1, got {getattr(config, name)}")
-        if config.lr <= 0:
-            raise ValueError(f"finetune setting lr must be positive, got {config.lr}")
-        for task in config.tasks or ():
-            get_task(task)
-        return config
 
 
 def _examples(loaded: LoadedModel, df: pd.DataFrame, tasks: tuple[str, ...], epoch: int) -> list[tuple[int, str, str]]:
@@ -143,8 +109,11 @@ def finetune(
 ) -> dict[str, Any]:
     """Finetune ``loaded.model`` in place on ``train``; resume from ``checkpoint_dir/last`` if present.
 
-    Returns a summary (steps, seconds, first and last loss) for the run's log and record.
+    Returns a summary (steps, seconds, first and last loss) for the run's log and record. A task
+    of ``config.tasks`` that is not in the task registry is an error before anything is loaded.
     """
+    for task in config.tasks or ():
+        get_task(task)
     torch.manual_seed(config.seed)
     model = loaded.model
     if loaded.adapter.encodes_image_with_text:

@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["PARTS", "Encoded", "FamilyAdapter", "LoadedModel"]
+from vlmopt.parts import PARTS
 
-#: Model parts in pipeline order; a family may leave any of them empty.
-PARTS = ("vision", "bridge", "language")
+__all__ = ["PARTS", "Encoded", "FamilyAdapter", "LoadedModel"]
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmopt.plots.static import MAIN_METRIC, quality_vs_size, task_bars
+from vlmopt.plots.static import quality_vs_size, task_bars
 from vlmopt.plots.tradeoffs import COSTS, pareto_front, quality_vs_cost
 
-__all__ = ["COSTS", "MAIN_METRIC", "pareto_front", "quality_vs_cost", "quality_vs_size", "task_bars"]
+__all__ = ["COSTS", "pareto_front", "quality_vs_cost", "quality_vs_size", "task_bars"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from vlmopt.plots.static import MAIN_METRIC
+from vlmopt.tasks import TASKS
 
 __all__ = ["BUDGET_COSTS", "best_under_budget"]
 
@@ -32,9 +32,9 @@ def best_under_budget(summary: pd.DataFrame, cost: str, limit: float) -> pd.Data
         raise ValueError(f"the summary has no {cost!r} column (is profiling on?)")
     rows = []
     for (task, dataset), group in summary.groupby(["task", "dataset"], sort=True):
-        if task not in MAIN_METRIC:
+        if task not in TASKS:
             continue
-        metric = MAIN_METRIC[task][0]
+        metric = TASKS[task].headline
         within = group[group[cost].notna() & (group[cost] <= limit)]
         if metric in within.columns:
             within = within[within[metric].notna()]

@@ -1,4 +1,8 @@
-"""Confusion matrices of the real-vs-generated classifiers (the GenImage study), one per configuration."""
+"""Confusion matrices of the real-vs-generated classifiers (the GenImage study), one per configuration.
+
+They are drawn for the tasks whose generated answers are read as classes
+(:func:`vlmopt.study.figures.reads_classes`): their scores count the answers per true class.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlmopt.plots.static import _save, plt
+from vlmopt.plots.style import _save, plt
+from vlmopt.study import reads_classes
+from vlmopt.tasks import TASKS
 
 __all__ = ["CLASSES", "PREDICTIONS", "confusion_counts", "confusion_figure", "confusion_matrices"]
 
@@ -27,9 +33,10 @@ def confusion_counts(row: pd.Series) -> np.ndarray:
 
 
 def confusion_figure(summary: pd.DataFrame) -> plt.Figure:
-    """One panel per (model, finetune, variant) evaluated on real_vs_generated: counts, and the
-    share of each true class, with accuracy in the title."""
-    rows = summary[summary["task"] == "real_vs_generated"]
+    """One panel per (model, finetune, variant) evaluated on real_vs_generated (a task whose answers
+    are read as classes): counts, and the share of each true class, with accuracy in the title."""
+    classifying = [name for name, task in TASKS.items() if reads_classes(task)]
+    rows = summary[summary["task"].isin(classifying)]
     counted = [c for c in rows.columns if c.startswith("cm_")]
     rows = rows[rows[counted].notna().any(axis=1)] if counted else rows.iloc[:0]
     if rows.empty:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlmopt.plots.static import MAIN_METRIC, MARKERS, _save, _tasks, method_colour, plt
+from vlmopt.plots.style import MARKERS, _save, _tasks, method_colour, plt
 from vlmopt.study import QUANTIZERS
+from vlmopt.tasks import get_task
 
 __all__ = ["QUANTIZERS", "bit_width_lines", "bits_figure", "quality_vs_bits"]
 
@@ -62,7 +63,7 @@ def bits_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
     for col, task in enumerate(tasks):
         ax = axes[0][col]
-        metric, label = MAIN_METRIC[task]
+        metric, label = get_task(task).headline, get_task(task).headline_label
         rows = lines[lines["task"] == task]
         for g in groups:
             mine = rows[(rows[keys] == pd.Series(g, index=keys)).all(axis=1)].sort_values("bits")

@@ -29,22 +29,17 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 
-from vlmopt.metrics.real_vs_generated import LABEL_NAMES, extract_label
-from vlmopt.metrics.vqa import normalize_answer
-from vlmopt.plots.static import MAIN_METRIC, _save, _tasks, method_colour, plt
-from vlmopt.study import GENERATIVE_TASKS
+from vlmopt.plots.example_picks import answers_by_sample, pick_examples, pick_samples, selection_title
+from vlmopt.plots.style import _save, method_colour, plt
+from vlmopt.study import reads_classes
+from vlmopt.tasks import GENERATIVE_TASKS, TASKS, Task, majority_answer
+from vlmopt.tasks.base import cell_strings
 
-__all__ = ["GENERATIVE_TASKS", "before_after", "example_figure", "pick_examples", "pick_samples"]
+__all__ = ["before_after", "example_figure", "pick_examples", "pick_samples"]
 
 log = logging.getLogger(__name__)
 
 
-#: Columns of the test split each task's truth is read from.
-_TRUTH_COLUMNS = {
-    "captioning": ("references",),
-    "vqa": ("question", "answers"),
-    "real_vs_generated": ("label_name",),
-}
 _NO_PREDICTION = "(no prediction)"
 _RIGHT, _WRONG = "#0072B2", "#D55E00"  # Okabe-Ito blue and vermillion, told apart by the marks too
 _TEXT, _MUTED = "#222222", "#666666"
@@ -98,104 +93,6 @@ class _Block:
         title = (len(self.title) * _TITLE_LINE + len(self.note) * _LINE + _GAP) / 72
         text = max((c.height() for c in self.columns), default=0.0) / 72
         return _MARGIN + title + _SID + _IMAGE + 1.5 * _PAD + text + _MARGIN
-
-
-# --- choosing what to show -------------------------------------------------------------------------------
-
-
-def _choose_variants(score: pd.Series, max_variants: int) -> list[str]:
-    """Baseline, best, worst, then the rest from best to worst (unscored last), up to max_variants."""
-    names = sorted(str(v) for v in score.index)
-    compressed = [v for v in names if v != "baseline"]
-    ranked = sorted((v for v in compressed if pd.notna(score[v])), key=lambda v: (-float(score[v]), v))
-    worst = sorted(ranked, key=lambda v: (float(score[v]), v))[:1]
-    order = (["baseline"] if "baseline" in names else []) + ranked[:1] + worst + ranked
-    order += [v for v in compressed if pd.isna(score[v])]
-    return list(dict.fromkeys(order))[:max_variants]
-
-
-def pick_examples(summary: pd.DataFrame, max_variants: int = 3) -> list[dict[str, Any]]:
-    """What to show for each generative task and dataset of ``summary``.
-
-    The (model, ft) with the most variants on that task and dataset (ties: the first in sorted
-    order), and its variants: "baseline" first when present, then the compressed variant with the
-    best headline metric (:data:`MAIN_METRIC`) and the one with the worst (ties: sorted order), then
-    the others from best to worst, variants without a metric last; distinct, at most
-    ``max_variants``. Returns dicts ``{"task", "dataset", "model", "ft", "variants"}`` in task order
-    (captioning, vqa, real_vs_generated), then by dataset.
-    """
-    if max_variants < 1:
-        raise ValueError(f"max_variants must be at least 1, got {max_variants}")
-    picked: list[dict[str, Any]] = []
-    for task in (t for t in _tasks(summary) if t in GENERATIVE_TASKS):
-        metric = MAIN_METRIC[task][0]
-        rows = summary[summary["task"] == task]
-        for dataset in sorted(rows["dataset"].dropna().unique(), key=str):
-            here = rows[rows["dataset"] == dataset]
-            counts = here.groupby(["model", "ft"])["variant"].nunique()
-            if counts.empty:
-                continue
-            model, ft = min(counts.index, key=lambda k: (-int(counts[k]), str(k[0]), str(k[1])))
-            config = here[(here["model"] == model) & (here["ft"] == ft)]
-            score = pd.to_numeric(config[metric], errors="coerce").groupby(config["variant"]).mean()
-            picked.append(
-                {
-                    "task": task,
-                    "dataset": str(dataset),
-                    "model": str(model),
-                    "ft": str(ft),
-                    "variants": _choose_variants(score, max_variants),
-                }
-            )
-    return picked
-
-
-def _answers(predictions: pd.DataFrame | None) -> dict[str, str | None]:
-    """Sample id -> generated text; None where the prediction failed or is missing."""
-    if predictions is None or predictions.empty:
-        return {}
-    error = predictions["error"] if "error" in predictions else pd.Series(None, index=predictions.index)
-    out: dict[str, str | None] = {}
-    for sid, text, err in zip(predictions["sample_id"], predictions["prediction"], error, strict=True):
-        if str(sid) in out:
-            continue
-        ok = isinstance(text, str) and (err is None or bool(pd.isna(err)))
-        out[str(sid)] = text if ok else None
-    return out
-
-
-def _majority(answers: Sequence[str]) -> str:
-    """The most frequent answer, ties to the first listed (the scorer's rule)."""
-    answers = [str(a) for a in answers]
-    if not answers:
-        return ""
-    return max(answers, key=lambda a: (answers.count(a), -answers.index(a)))
-
-
-def _key(task: str, text: str | None) -> Any:
-    """What two variants must share to count as giving the same answer."""
-    if text is None:
-        return None
-    if task == "vqa":
-        return normalize_answer(text)
-    if task == "real_vs_generated":
-        label = extract_label(text)
-        return "unparsed" if label is None else LABEL_NAMES[label]
-    return " ".join(text.lower().split()).rstrip(" .")
-
-
-def pick_samples(test: pd.DataFrame, predictions: Mapping[str, pd.DataFrame], task: str, n: int = 6) -> list[str]:
-    """Sample ids to show: those where the variants' answers differ first, then the others, each in
-    sample-id order; at most ``n``. Answers are compared as the task scores them (normalised VQA answer,
-    parsed real/generated class, caption text without case and spacing); a missing answer differs."""
-    answers = [_answers(p) for p in predictions.values()]
-    differ: list[str] = []
-    same: list[str] = []
-    for sid in sorted({str(s) for s in test["sample_id"]}):
-        if len(differ) >= n:
-            break
-        (differ if len({_key(task, a.get(sid)) for a in answers}) > 1 else same).append(sid)
-    return (differ + same)[: max(n, 0)]
 
 
 # --- text --------------------------------------------------------------------------------------------------
@@ -254,28 +151,27 @@ def _wrap(
 _TEXT_WIDTH = (_COL - 2 * _PAD) * 72
 
 
-def _strings(value: Any) -> list[str]:
-    """A list cell (references, answers) as strings; a missing cell as no strings."""
-    return [str(v) for v in value] if isinstance(value, list | tuple | np.ndarray) else []
-
-
-def _truth(task: str, row: pd.Series) -> list[_Part]:
+def _truth(task: Task, row: pd.Series) -> list[_Part]:
+    """The truth shown under an image, as the task's truth columns hold it: reference captions (the
+    first shown), a question with its human answers (the majority answer shown), or a true class."""
     width = _TEXT_WIDTH
-    if task == "captioning":
-        refs = _strings(row["references"])
+    if "references" in task.truth_columns:
+        refs = cell_strings(row["references"])
         header = f"reference (1 of {len(refs)})" if len(refs) > 1 else "reference"
         body = _wrap(refs[0] if refs else "(none)", width, _MAX_LINES["truth"])
-    elif task == "vqa":
+    elif "answers" in task.truth_columns:
         header = "question · majority answer"
         body = _wrap(f"Q: {row['question']}", width, _MAX_LINES["truth"] - 1)
-        body += _wrap(f"A: {_majority(_strings(row['answers']))}", width, 1)
+        body += _wrap(f"A: {majority_answer(cell_strings(row['answers']))}", width, 1)
     else:
         header = "true class"
-        body = [str(row["label_name"])]
+        body = [str(row[c]) for c in task.truth_columns]
     return [_Part([header], bold=True), _Part(body)]
 
 
-def _prediction(task: str, variant: str, method: str | None, text: str | None, row: pd.Series) -> list[_Part]:
+def _prediction(task: Task, variant: str, method: str | None, text: str | None, row: pd.Series) -> list[_Part]:
+    """A variant's answer under its name: marked right or wrong where the task judges answers, with
+    the class read from it where the task reads classes (the text it was read from below, quoted)."""
     header = _Part(
         _wrap(variant, _TEXT_WIDTH - _SWATCH * 72, _MAX_LINES["header"], bold=True, name=True),
         bold=True,
@@ -284,29 +180,22 @@ def _prediction(task: str, variant: str, method: str | None, text: str | None, r
     if text is None:
         return [header, _Part([_NO_PREDICTION], colour=_MUTED)]
     shown = text.strip() or "(empty answer)"
-    if task == "captioning":
+    right = task.judge(text, row)
+    if right is None:
         return [header, _Part(_wrap(shown, _TEXT_WIDTH, _MAX_LINES["answer"]))]
-    if task == "vqa":
-        right = normalize_answer(text) == normalize_answer(_majority(_strings(row["answers"])))
-        mark = "✓" if right else "✗"
-        return [header, _Part(_wrap(f"{mark} {shown}", _TEXT_WIDTH, _MAX_LINES["answer"]), _RIGHT if right else _WRONG)]
-    label = extract_label(text)
-    answer = "unparsed" if label is None else LABEL_NAMES[label]
-    right = answer == str(row["label_name"])
+    mark, colour = ("✓", _RIGHT) if right else ("✗", _WRONG)
+    if not reads_classes(task):
+        return [header, _Part(_wrap(f"{mark} {shown}", _TEXT_WIDTH, _MAX_LINES["answer"]), colour)]
     return [
         header,
-        _Part([f"{'✓' if right else '✗'} {answer}"], _RIGHT if right else _WRONG),
+        _Part([f"{mark} {task.answer_key(text)}"], colour),
         _Part(_wrap(f"“{shown}”", _TEXT_WIDTH, _MAX_LINES["text"]), _MUTED),
     ]
 
 
-def _note(task: str) -> str:
+def _note(task: Task) -> str:
     squares = "■ colour of the variant's compression method"
-    if task == "vqa":
-        return f"{squares}; ✓ right / ✗ wrong: equals the majority human answer after VQA answer normalisation"
-    if task == "real_vs_generated":
-        return f"{squares}; ✓ right / ✗ wrong: the class read from the generated text (quoted) against the true class"
-    return squares
+    return f"{squares}; ✓ right / ✗ wrong: {task.judge_rule}" if task.judge_rule else squares
 
 
 # --- drawing -----------------------------------------------------------------------------------------------
@@ -334,33 +223,34 @@ def _block(
     title: str,
     methods: Mapping[str, Any] | None,
 ) -> _Block:
-    if task not in GENERATIVE_TASKS:
+    if task not in TASKS or not TASKS[task].generative:
         raise ValueError(f"task {task!r} has no generated answers to show (one of {', '.join(GENERATIVE_TASKS)})")
+    spec = TASKS[task]
     if not predictions:
         raise ValueError(f"no predictions to show for {task}")
-    missing = [c for c in ("sample_id", "image", *_TRUTH_COLUMNS[task]) if c not in test.columns]
+    missing = [c for c in ("sample_id", "image", *spec.truth_columns) if c not in test.columns]
     if missing:
         raise ValueError(f"the {task} test split has no column {', '.join(missing)}")
     if test.empty or n < 1:
         raise ValueError(f"no {task} test samples to show")
     ids = pick_samples(test, predictions, task, n)
     rows = test.assign(sample_id=test["sample_id"].astype(str)).drop_duplicates("sample_id").set_index("sample_id")
-    answers = {v: _answers(p) for v, p in predictions.items()}
+    answers = {v: answers_by_sample(p) for v, p in predictions.items()}
     methods = methods or {}
     columns = []
     for sid in ids:
         row = rows.loc[sid]
         column = _Column(sid, _image(Path(image_root) / str(row["image"])))
-        column.parts.append(_truth(task, row))
+        column.parts.append(_truth(spec, row))
         for variant, by_id in answers.items():
             method = methods.get(variant, "none" if variant == "baseline" else variant)
-            column.parts.append(_prediction(task, variant, method, by_id.get(sid), row))
+            column.parts.append(_prediction(spec, variant, method, by_id.get(sid), row))
         columns.append(column)
     width = _COL * max(len(columns), 3) * 72
     heading = title or f"{task}: {', '.join(predictions)}"
     return _Block(
         _wrap(heading, width, 3, size=_TITLE_FONT, bold=True),
-        _wrap(_note(task), width, 2),
+        _wrap(_note(spec), width, 2),
         columns,
     )
 
@@ -485,10 +375,9 @@ def before_after(
             continue
         rows = summary[(summary["model"] == model) & (summary["ft"] == ft) & (summary["task"] == task)]
         methods = dict(zip(rows["variant"].astype(str), rows["method"], strict=True)) if "method" in rows else {}
+        title = selection_title(sel, rows, predictions)
         try:
-            block = _block(
-                pd.read_parquet(split), split.parent, predictions, task, n, _title(sel, rows, predictions), methods
-            )
+            block = _block(pd.read_parquet(split), split.parent, predictions, task, n, title, methods)
         except ValueError as exc:
             log.warning("before/after examples skip %s: %s", name, exc)
             skipped.append(f"{name}: {exc}")
@@ -506,30 +395,3 @@ def before_after(
         _draw(fig, block, top)
         top -= height
     return _save(fig, out)
-
-
-def _title(sel: Mapping[str, Any], rows: pd.DataFrame, predictions: Mapping[str, pd.DataFrame]) -> str:
-    """Task, dataset, model / ft and the shown variants with their headline metric, the best and the
-    worst of the compressed variants named so."""
-    task = str(sel["task"])
-    metric, label = MAIN_METRIC[task]
-    rows = rows[rows["dataset"].astype(str) == str(sel["dataset"])]
-    score = (
-        pd.to_numeric(rows[metric], errors="coerce").groupby(rows["variant"].astype(str)).mean()
-        if metric in rows
-        else pd.Series(dtype=float)
-    ).dropna()
-    compressed = score[score.index != "baseline"]
-    shown = []
-    for variant in predictions:
-        if variant not in score.index:
-            shown.append(f"{variant} (no score)")
-            continue
-        role = ""
-        if variant != "baseline" and len(compressed) > 1:
-            if score[variant] == compressed.max():
-                role = f" (best of {len(compressed)} compressed)"
-            elif score[variant] == compressed.min():
-                role = f" (worst of {len(compressed)})"
-        shown.append(f"{variant} {score[variant]:.3g}{role}")
-    return f"{task} on {sel['dataset']}, {sel['model']} / {sel['ft']}. {label}: {'; '.join(shown)}"

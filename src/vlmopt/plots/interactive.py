@@ -20,15 +20,16 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from vlmopt.plots.static import MAIN_METRIC, _tasks
+from vlmopt.parts import PARTS
+from vlmopt.plots.style import _tasks
 from vlmopt.study import QUANTIZERS
+from vlmopt.tasks import TASKS, get_task
 
 __all__ = ["FULL_BITS", "PARTS", "WEIGHT_QUANTIZERS", "bits_by_part", "dropoff_3d", "dropoff_3d_figure"]
 
 #: Weight-only quantization methods (a step of one of them with ``activation_bits`` is left out).
 WEIGHT_QUANTIZERS = QUANTIZERS
 #: The model parts on the three axes, in x, y, z order.
-PARTS = ("vision", "bridge", "language")
 #: The width of a part that no step quantizes (float32 weights).
 FULL_BITS = 32.0
 
@@ -127,7 +128,7 @@ def bits_by_part(summary: pd.DataFrame, variants: pd.DataFrame) -> pd.DataFrame:
     bits = pd.DataFrame(rows)
     frames = []
     for task in _tasks(summary):
-        metric = MAIN_METRIC[task][0]
+        metric = get_task(task).headline
         scored = summary.loc[summary["task"] == task, [*_ROW_KEYS, metric]].rename(columns={metric: "value"})
         frames.append(scored.assign(metric=metric))
     if not frames:
@@ -208,7 +209,7 @@ def dropoff_3d_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> go.Figur
         )
     table = table.merge(quantized[_TRACE_KEYS].drop_duplicates(), on=_TRACE_KEYS, how="inner")
     table = _with_change(table)
-    order = {t: i for i, t in enumerate(MAIN_METRIC)}
+    order = {t: i for i, t in enumerate(TASKS)}
     groups = sorted(table[["task", "dataset"]].drop_duplicates().itertuples(index=False, name=None))
     groups.sort(key=lambda g: order[g[0]])
     models = sorted(table["model"].unique())
@@ -219,7 +220,7 @@ def dropoff_3d_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> go.Figur
     by_value: dict[str, list[object]] = {"marker.color": [], "marker.cmin": [], "marker.cmax": [], "title": []}
     by_change: dict[str, list[object]] = {k: [] for k in by_value}
     for g, (task, dataset) in enumerate(groups):
-        label = MAIN_METRIC[task][1]
+        label = get_task(task).headline_label
         rows = table[(table["task"] == task) & (table["dataset"] == dataset)].reset_index(drop=True)
         lo, hi = _scale(rows["value"])
         change_lo, change_hi = _scale(rows["change"].dropna()) if rows["change"].notna().any() else (-1.0, 1.0)

@@ -25,19 +25,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from vlmopt.plots.static import MAIN_METRIC, _save, method_colour, plt
+from vlmopt.plots.style import _save, method_colour, plt
 from vlmopt.study import PRUNING_METHODS
+from vlmopt.tasks import TASKS, get_task
 
-__all__ = ["PRUNING_METHODS", "TASK_METRICS", "pruned_description", "pruning_figure", "pruning_plot", "pruning_table"]
-
-#: Quality columns the table reports for each task (those without any value are left out).
-TASK_METRICS = {
-    "captioning": ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"],
-    "vqa": ["vqa_accuracy"],
-    "classification": ["top1", "top5"],
-    "retrieval": ["r_mean"],
-    "real_vs_generated": ["accuracy", "f1"],
-}
+__all__ = ["PRUNING_METHODS", "pruned_description", "pruning_figure", "pruning_plot", "pruning_table"]
 
 _KEYS = ["model", "ft", "variant", "task", "dataset"]
 _COSTS = ["latency_ms_per_sample_p50", "gflops_per_sample"]
@@ -108,11 +100,11 @@ def pruning_table(summary: pd.DataFrame, variants: pd.DataFrame, efficiency: pd.
 
     Rows: every summary row whose variant has a ``prune_layers`` or ``prune_heads`` step, and the
     ``baseline`` row of each (model, ft, task, dataset) with such variants, which comes first in its
-    group; groups in task order (captioning, vqa, ...), then dataset, model and finetune.
+    group; groups in the task registry's order (captioning, vqa, ...), then dataset, model and finetune.
     Columns: model, ft, variant, task, dataset, method, pruned (:func:`pruned_description`), the
-    metrics of :data:`TASK_METRICS` that have a value, params (efficiency measure ``params``),
-    params_change (% against the group's baseline; negative: fewer), latency_ms_per_sample_p50 and
-    gflops_per_sample. A measure that is missing is NaN.
+    tasks' quality metrics (:attr:`vlmopt.tasks.base.Task.metrics`) that have a value, params
+    (efficiency measure ``params``), params_change (% against the group's baseline; negative: fewer),
+    latency_ms_per_sample_p50 and gflops_per_sample. A measure that is missing is NaN.
     """
     vkeys = ["model", "ft", "variant"]
     pruned_keys = variants.loc[variants["method"].isin(PRUNING_METHODS), vkeys].drop_duplicates()
@@ -141,7 +133,7 @@ def pruning_table(summary: pd.DataFrame, variants: pd.DataFrame, efficiency: pd.
     table["params"] = table["params"].astype(float).fillna(table["params_any"].astype(float))
     table = table.drop(columns="params_any")
 
-    order = {t: i for i, t in enumerate(TASK_METRICS)}
+    order = {t: i for i, t in enumerate(TASKS)}
     table["_task"] = table["task"].map(order).fillna(len(order))
     table["_base"] = table["variant"] != _BASELINE
     table = table.sort_values(["_task", "task", "dataset", "model", "ft", "_base", "variant"], kind="stable")
@@ -157,7 +149,7 @@ def pruning_table(summary: pd.DataFrame, variants: pd.DataFrame, efficiency: pd.
 
     metrics = []
     for task in dict.fromkeys(table["task"]):
-        for m in TASK_METRICS.get(task, [MAIN_METRIC[task][0]] if task in MAIN_METRIC else []):
+        for m in TASKS[task].metrics if task in TASKS else ():
             if m in table.columns and m not in metrics and table[m].notna().any():
                 metrics.append(m)
     for cost in _COSTS:
@@ -221,7 +213,7 @@ def pruning_figure(summary: pd.DataFrame, variants: pd.DataFrame, efficiency: pd
     """One row of bar panels per task and dataset with pruning variants (see the module docstring).
 
     Bars, top to bottom, follow :func:`pruning_table` (each model / finetune's baseline first);
-    panels: the task's headline metric (:data:`MAIN_METRIC`), parameters (in thousands, millions or
+    panels: the task's headline metric, parameters (in thousands, millions or
     billions, whichever reads best; the change against the baseline beside each pruned bar),
     latency per sample (ms, median) and GFLOP per sample. Raises ``ValueError`` when the summary
     has no pruning variant with a headline metric.
@@ -232,7 +224,7 @@ def pruning_figure(summary: pd.DataFrame, variants: pd.DataFrame, efficiency: pd
     rows = [
         (task, dataset)
         for task, dataset in table[["task", "dataset"]].drop_duplicates().itertuples(index=False, name=None)
-        if task in MAIN_METRIC and MAIN_METRIC[task][0] in table.columns
+        if task in TASKS and TASKS[task].headline in table.columns
     ]
     if not rows:
         raise ValueError("summary has no pruning variants with a task headline metric to plot")
@@ -250,7 +242,7 @@ def pruning_figure(summary: pd.DataFrame, variants: pd.DataFrame, efficiency: pd
         mine = table[(table["task"] == task) & (table["dataset"] == dataset)].reset_index(drop=True)
         colours = [method_colour(m) for m in mine["method"]]
         names = [f"{m} / {f} / {v}\n{p}" for m, f, v, p in mine[["model", "ft", "variant", "pruned"]].values]
-        metric, metric_label = MAIN_METRIC[task]
+        metric, metric_label = get_task(task).headline, get_task(task).headline_label
         scale, unit = _param_unit(mine["params"])
         params = mine["params"] / scale
         flop_scale, flop_unit = _flop_unit(mine[_COSTS[1]])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlmopt.plots.static import PALETTE, _save, plt
+from vlmopt.plots.style import PALETTE, _save, plt
 from vlmopt.study import AXES, NUMERIC_AXES
 
 __all__ = ["SCALING_MEASURES", "scaling_curves", "sweep_table"]

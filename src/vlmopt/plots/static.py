@@ -4,89 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+from vlmopt.plots.style import _save, _tasks, method_colour, plt
+from vlmopt.plots.tradeoffs import cost_figure
+from vlmopt.tasks import get_task
 
-__all__ = ["MAIN_METRIC", "METHOD_COLOURS", "method_colour", "quality_vs_size", "task_bars"]
-
-#: The headline metric of each task, with its axis label.
-MAIN_METRIC = {
-    "captioning": ("CIDEr", "CIDEr"),
-    "vqa": ("vqa_accuracy", "VQA accuracy (%)"),
-    "retrieval": ("r_mean", "retrieval mean recall (%)"),
-    "classification": ("top1", "top-1 accuracy (%)"),
-    "real_vs_generated": ("accuracy", "real-vs-generated accuracy (%)"),
-}
-
-# Okabe-Ito first: distinguishable with the common colour-vision deficiencies.
-PALETTE = [
-    "#0072B2",
-    "#E69F00",
-    "#009E73",
-    "#D55E00",
-    "#CC79A7",
-    "#56B4E9",
-    "#F0E442",
-    "#000000",
-    # Beyond eight variants: Paul Tol's muted scheme, also colour-blind safe.
-    "#882255",
-    "#44AA99",
-    "#999933",
-    "#AA4499",
-    "#332288",
-    "#DDCC77",
-]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-
-#: One colour per compression method, the same in every figure (the summary's ``method`` column:
-#: a variant's methods joined by "+", "none" for baselines and finetuned models).
-METHOD_COLOURS = {
-    "none": "#000000",
-    "uniform": "#0072B2",
-    "gptq": "#56B4E9",
-    "awq": "#009E73",
-    "dynamic_int8": "#E69F00",
-    "precision": "#999933",
-    "svd": "#CC79A7",
-    "prune_layers": "#D55E00",
-    "prune_heads": "#882255",
-    "lora": "#44AA99",
-}
-# Methods combined in one variant ("prune_layers+lora"): colours left over, chosen from the name.
-_COMBINED = ["#332288", "#DDCC77", "#AA4499", "#117733", "#88CCEE", "#661100"]
-
-
-def method_colour(method: str | None) -> str:
-    """The colour of a method (or of a "+"-joined sequence of methods) in every figure.
-
-    A single method has a fixed colour; a combination gets one of the colours no single method
-    uses, picked by a checksum of its name, so it is the same in every figure and every study.
-    A missing method (older tables) counts as "none".
-    """
-    import zlib
-
-    if method is None or (isinstance(method, float) and method != method):
-        method = "none"
-    if method in METHOD_COLOURS:
-        return METHOD_COLOURS[method]
-    return _COMBINED[zlib.crc32(str(method).encode()) % len(_COMBINED)]
-
-
-def _tasks(df: pd.DataFrame) -> list[str]:
-    return [t for t in MAIN_METRIC if t in set(df["task"]) and MAIN_METRIC[t][0] in df.columns]
-
-
-def _save(fig: plt.Figure, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+__all__ = ["quality_vs_size", "task_bars"]
 
 
 def quality_vs_size(summary: pd.DataFrame, out: str | Path) -> Path:
@@ -97,8 +21,6 @@ def quality_vs_size(summary: pd.DataFrame, out: str | Path) -> Path:
     The nominal size counts each weight at its bit width, so simulated quantization (whose file
     does not shrink) is placed where a real kernel would put it; the serialized size is in the table.
     """
-    from vlmopt.plots.tradeoffs import cost_figure
-
     size = "nominal_size_bytes" if "nominal_size_bytes" in summary.columns else None
     if size is None:
         raise ValueError("summary has no nominal_size_bytes column")
@@ -123,7 +45,7 @@ def task_bars(summary: pd.DataFrame, out: str | Path) -> Path:
         1, len(tasks), figsize=(3.5 + 4 * len(tasks), 0.35 * len(names) + 1.5), squeeze=False, sharey=True
     )
     for ax, task in zip(axes[0], tasks, strict=True):
-        metric, label = MAIN_METRIC[task]
+        metric, label = get_task(task).headline, get_task(task).headline_label
         values = keys[["model", "ft", "variant"]].merge(
             summary[summary["task"] == task], on=["model", "ft", "variant"], how="left"
         )[metric]

@@ -7,7 +7,7 @@ has one row of panels per model / finetune / task / dataset and selection (part 
 - a heat map of the task's headline metric, rows the number of layers factorized, columns the
   ratio kept, each cell written out; a blank cell was not evaluated. Read along a row to see how
   quality falls as fewer parameters are kept, down a column to see how it falls as more layers
-  are factorized. Classification adds a second heat map of top-5 accuracy.
+  are factorized. A task that reports top-5 accuracy (classification) adds a second heat map of it.
 - the same values as lines against the ratio, one line per number of layers (darker = fewer layers),
   with the uncompressed model (variant ``baseline``) as a dashed horizontal line: the gap to it is
   the cost of the factorization.
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlmopt.plots.static import MAIN_METRIC, _save, plt
+from vlmopt.plots.style import _save, plt
+from vlmopt.tasks import TASKS, get_task
 
 __all__ = ["quality_vs_svd", "svd_figure", "svd_grid"]
 
@@ -37,8 +38,8 @@ def svd_grid(summary: pd.DataFrame, variants: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, ft, task, dataset, variant) of the variants made by a single ``svd`` step.
 
     Columns: model, ft, task, dataset, part, role, position, variant, ratio, n_layers, metric (the
-    task's headline metric from :data:`MAIN_METRIC`), value, and ``top5`` where the summary has a
-    top-5 column (NaN outside classification). Variants that combine SVD with other steps are left
+    task's headline metric), value, and ``top5`` where the summary has a top-5 column (NaN for tasks
+    whose metrics do not include it). Variants that combine SVD with other steps are left
     out, since their quality is not the factorization's alone; so are tasks without a headline metric.
     A variants table without ``n_layers`` (older studies) gives NaN there.
     """
@@ -54,12 +55,13 @@ def svd_grid(summary: pd.DataFrame, variants: pd.DataFrame) -> pd.DataFrame:
     keep = [c for c in summary.columns if c not in {"part", "role", "position", "ratio", "n_layers", "method"}]
     rows = summary[keep].merge(single, on=["model", "ft", "variant"], how="inner")
     frames = []
-    for task, (metric, _) in MAIN_METRIC.items():
+    for task, spec in TASKS.items():
+        metric = spec.headline
         mine = rows[rows["task"] == task]
         if mine.empty or metric not in mine.columns:
             continue
         mine = mine.assign(metric=metric, value=pd.to_numeric(mine[metric], errors="coerce"))
-        if "top5" in columns and task != "classification":
+        if "top5" in columns and "top5" not in spec.metrics:
             mine = mine.assign(top5=np.nan)
         frames.append(mine[columns])
     if not frames:
@@ -248,7 +250,7 @@ def svd_figure(summary: pd.DataFrame, variants: pd.DataFrame) -> plt.Figure:
     rows_of_panels = fig.subfigures(len(panels), 1, height_ratios=heights, squeeze=False)[:, 0]
     for sub, (key, title, rows), (_, _, top5) in zip(rows_of_panels, panels, shapes, strict=True):
         task = key[2]
-        metric, label = MAIN_METRIC[task]
+        metric, label = get_task(task).headline, get_task(task).headline_label
         layers = _layer_keys(rows)
         ratios = sorted(float(r) for r in rows["ratio"].unique())
         heat_widths = [heat_width] * (2 if top5 else 1)

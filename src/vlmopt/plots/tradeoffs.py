@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from vlmopt.plots.labels import label_points
-from vlmopt.plots.static import MAIN_METRIC, MARKERS, _save, _tasks, method_colour, plt
+from vlmopt.plots.style import MARKERS, _save, _tasks, method_colour, plt
+from vlmopt.tasks import get_task
 
 __all__ = ["COSTS", "cost_figure", "pareto_front", "quality_vs_cost"]
 
@@ -65,7 +66,7 @@ def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> pl
 
     ``costs`` picks the costs (default: every cost in :data:`COSTS` with values). Each panel plots
     the task's headline metric against the cost, a colour per compression method (the same in
-    every figure, :func:`~vlmopt.plots.static.method_colour`) and a marker per model (hollow when
+    every figure, :func:`~vlmopt.plots.style.method_colour`) and a marker per model (hollow when
     not finetuned); every point is labelled with its variant where a free place near it exists
     (:func:`~vlmopt.plots.labels.label_points`; only the front's points in a panel of more than
     60). The Pareto front (cheapest for its quality) is joined by a grey line and labelled first.
@@ -106,7 +107,7 @@ def cost_figure(summary: pd.DataFrame, costs: Sequence[str] | None = None) -> pl
     for cost in costs:
         for task in tasks:
             ax = axes[place[(cost, task)][0]][place[(cost, task)][1]]
-            metric, label = MAIN_METRIC[task]
+            metric, label = get_task(task).headline, get_task(task).headline_label
             rows = summary[summary["task"] == task]
             x = rows[cost].astype(float) * _SCALE.get(cost, 1.0)
             y = rows[metric].astype(float)

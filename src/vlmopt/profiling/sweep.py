@@ -33,13 +33,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import torch
 from transformers import PreTrainedModel
 
 from vlmopt.device import cpu_only_reason, model_device
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import text_ids
-from vlmopt.study import ATTENTION, AXES, SweepPoint, sweep_points
+from vlmopt.study.sweep import ATTENTION, AXES, SweepPoint, sweep_points
 
 __all__ = [
     "ATTENTION",
@@ -52,6 +53,7 @@ __all__ = [
     "lengthen_prompts",
     "resize_longest",
     "sweep_points",
+    "sweep_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,9 +132,7 @@ def _attention_of(model: torch.nn.Module) -> dict[str, str]:
     return found
 
 
-def apply_point(
-    loaded: LoadedModel, point: SweepPoint, *, model_dir: Any = None, compile_backend: str = "inductor"
-) -> Applied:
+def apply_point(loaded: LoadedModel, point: SweepPoint, *, model_dir: Any = None, compile_backend: str) -> Applied:
     """Change ``loaded`` (dtype, attention, compilation) or the measurement's inputs for ``point``."""
     axis, value = point.axis, point.value
     if axis == "batch_size":
@@ -193,3 +193,23 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"].get("unique_graphs", 0))
+
+
+def sweep_rows(df: pd.DataFrame, applied: Applied, sweep: SweepPoint, graphs: int) -> pd.DataFrame:
+    """A sweep point's rows: what the point changed in ``method``, its caveat in ``note``, compiled graphs."""
+    df = df.copy()
+    if applied.method:
+        df["method"] = applied.method + "; " + df["method"].fillna("")
+    if applied.note:
+        df["note"] = [applied.note if pd.isna(n) else f"{n}; {applied.note}" for n in df["note"]]
+    if sweep.axis == "compile" and sweep.value:
+        extra = df.iloc[[0]].copy()
+        extra[["measure", "value", "unit", "method", "note"]] = [
+            "compiled_graphs",
+            float(graphs),
+            "graphs",
+            "graphs torch.compile built during this task's calls (torch._dynamo counters)",
+            None,
+        ]
+        df = pd.concat([df, extra], ignore_index=True)
+    return df

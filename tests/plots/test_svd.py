@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlmopt.plots.static import plt
+from vlmopt.plots.style import plt
 from vlmopt.plots.svd import quality_vs_svd, svd_figure, svd_grid
 
 RATIOS = (0.25, 0.5, 0.75)

@@ -71,7 +71,7 @@ def test_figure_has_a_row_per_measured_cost(tmp_path):
 
 
 def test_every_variant_labelled_coloured_by_method_baseline_ringed_and_simulated_variants_pale():
-    from vlmopt.plots.static import method_colour
+    from vlmopt.plots.style import method_colour
     from vlmopt.plots.tradeoffs import cost_figure
 
     summary = _summary(False).assign(simulated=[False, True, False], ft="full", method=["none", "uniform", "svd"])
@@ -100,7 +100,7 @@ def _boxes(ax):
 
 def test_labels_do_not_overlap_and_fall_back_to_the_front():
     from vlmopt.plots.labels import label_points
-    from vlmopt.plots.static import plt
+    from vlmopt.plots.style import plt
 
     rng = np.random.default_rng(1)
     x, y = rng.random(30), rng.random(30)

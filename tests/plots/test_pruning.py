@@ -11,7 +11,7 @@ import pytest
 from matplotlib.colors import to_hex
 
 from vlmopt.plots.pruning import pruning_figure, pruning_plot, pruning_table
-from vlmopt.plots.static import method_colour, plt
+from vlmopt.plots.style import method_colour, plt
 
 # (model, ft, variant): steps. "w4" quantizes only and must stay out of the table.
 STEPS = {

@@ -14,7 +14,7 @@ from PIL import Image
 
 from vlmopt.plots import examples
 from vlmopt.plots.examples import before_after, example_figure, pick_examples, pick_samples
-from vlmopt.plots.static import method_colour, plt
+from vlmopt.plots.style import method_colour, plt
 
 IDS = [f"d-test-{i:05d}" for i in range(5)]
 METHODS = {"baseline": "none", "awq-w4": "awq", "prune-2": "prune_layers"}
@@ -245,17 +245,13 @@ def test_long_texts_are_wrapped_and_cut_without_overlap(tmp_path):
     plt.close(fig)
 
 
-def _write_predictions(root, model, ft, variant, task, dataset, frame: pd.DataFrame) -> None:
-    path = root / model / ft / variant / task / dataset / "predictions.parquet"
-    path.parent.mkdir(parents=True)
-    frame.to_parquet(path)
-
-
-def test_before_after_draws_a_block_per_selection_and_skips_missing_files(tmp_path, monkeypatch, caplog):
+def test_before_after_draws_a_block_per_selection_and_skips_missing_files(
+    tmp_path, monkeypatch, caplog, write_predictions
+):
     data, preds = tmp_path / "data", tmp_path / "predictions"
     _dataset(data)
     for variant, frame in _caption_predictions().items():
-        _write_predictions(preds, "m", "full", variant, "captioning", "d", frame)
+        write_predictions(preds, "m", "full", variant, "captioning", "d", frame)
     summary = pd.DataFrame(
         [
             _summary_row("m", "full", "baseline", "captioning", "d", CIDEr=1.0, method="none"),

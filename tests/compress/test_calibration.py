@@ -1,13 +1,14 @@
-"""Calibration batches from real samples, and layer input capture that stops after the layer."""
+"""Layer input capture that stops after the layer, in pipeline order, and the settings of calibrated steps."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from vlmopt.compress.calibrate import Calibration, capture_layer_inputs, layer_groups
+from vlmopt.compress import apply_variant
+from vlmopt.compress.calibration import Calibration, capture_layer_inputs, layer_groups
 from vlmopt.compress.select import select_modules
 from vlmopt.models import load_model
+from vlmopt.tasks.encode import calibration_batches
 
 
 @pytest.fixture(scope="module")
@@ -17,37 +18,7 @@ def blip2(shapes_texts):
 
 @pytest.fixture(scope="module")
 def calibration(blip2, shapes_train, shapes_root):
-    return Calibration.from_table(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=0)
-
-
-def test_batches_hold_images_and_both_tasks(calibration, blip2):
-    assert calibration.n_samples == 12 and len(calibration.batches) == 3
-    assert all("pixel_values" in b and "labels" not in b for b in calibration.batches)
-    assert calibration.description["tasks"] == ["captioning", "vqa"]
-    # Batches alternate tasks: the second carries the VQA prompt, the first a caption only.
-    texts = [blip2.tokenizer.decode(b["input_ids"][0], skip_special_tokens=True).lower() for b in calibration.batches]
-    assert "short answer" in texts[1] and "answer" not in texts[0]
-
-
-def test_a_table_calibrates_the_tasks_it_has_columns_for(blip2, shapes_train, shapes_root):
-    captions_only = shapes_train[["sample_id", "image", "references"]]
-    calibration = Calibration.from_table(blip2, captions_only, shapes_root, n_samples=8, batch_size=4)
-    assert calibration.description["tasks"] == ["captioning"]
-    with pytest.raises(ValueError, match="has the columns of none of the tasks"):
-        Calibration.from_table(blip2, shapes_train[["sample_id", "image", "label"]], shapes_root, n_samples=4)
-
-
-def test_same_seed_same_samples(blip2, shapes_train, shapes_root, calibration):
-    again = Calibration.from_table(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=0)
-    other = Calibration.from_table(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=1)
-    assert all(
-        torch.equal(a["pixel_values"], b["pixel_values"])
-        for a, b in zip(again.batches, calibration.batches, strict=True)
-    )
-    assert not all(
-        torch.equal(a["pixel_values"], b["pixel_values"])
-        for a, b in zip(other.batches, calibration.batches, strict=True)
-    )
+    return Calibration(*calibration_batches(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=0))
 
 
 def test_capture_stops_after_the_layer_and_drops_padding(blip2, calibration):
@@ -80,3 +51,23 @@ def test_vision_layers_see_every_patch(blip2, calibration):
     n_tokens = (config.image_size // config.patch_size) ** 2 + 1  # patches and the class token
     assert sum(r.shape[0] for r in rows) == n_tokens * calibration.n_samples
     assert all(r.shape[1] == config.hidden_size for r in rows)
+
+
+def test_calibrated_step_without_data_is_an_error(tiny):
+    with pytest.raises(ValueError, match="step 0: gptq needs calibration data"):
+        apply_variant(tiny.model, tiny.parts(), [{"method": "gptq", "bits": 4, "part": "language"}])
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"calibration": {"dataset": "shapes", "samples": 4}}, "unknown calibration setting"),
+        ({"calibration": {"split": "train"}}, "calibration needs a dataset"),
+        ({"damp": 0}, "damp must be between 0 and 1"),
+        ({"bits": 16}, "bits must be an integer from 2 to 8"),
+        ({"group_size": 0}, "group_size must be a positive integer"),
+    ],
+)
+def test_bad_settings_name_the_key(tiny, settings, match):
+    with pytest.raises(ValueError, match=match):
+        apply_variant(tiny.model, tiny.parts(), [{"method": "gptq", "bits": 4, "part": "language", **settings}])

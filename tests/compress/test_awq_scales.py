@@ -11,11 +11,12 @@ import torch
 from transformers.cache_utils import Cache
 
 from vlmopt.compress import apply_variant
-from vlmopt.compress.calibrate import Calibration, capture_layer_inputs
-from vlmopt.compress.calibrated import FOLD_RTOL
+from vlmopt.compress.awq_scales import FOLD_RTOL
+from vlmopt.compress.calibration import Calibration, capture_layer_inputs
 from vlmopt.compress.quant import QuantSpec, choose_qparams, fake_quantize
 from vlmopt.compress.select import ModuleRef
 from vlmopt.models import load_model
+from vlmopt.tasks.encode import calibration_batches
 
 BITS, GROUP = 4, 16
 SPEC = QuantSpec(BITS, "group", group_size=GROUP)
@@ -33,8 +34,8 @@ def blip(shapes_texts):
 
 
 def _data(loaded, shapes_train, shapes_test, shapes_root) -> tuple[Calibration, Calibration]:
-    calibration = Calibration.from_table(loaded, shapes_train, shapes_root, n_samples=16, batch_size=8)
-    held_out = Calibration.from_table(loaded, shapes_test, shapes_root, n_samples=8, batch_size=8, seed=5)
+    calibration = Calibration(*calibration_batches(loaded, shapes_train, shapes_root, n_samples=16, batch_size=8))
+    held_out = Calibration(*calibration_batches(loaded, shapes_test, shapes_root, n_samples=8, batch_size=8, seed=5))
     return calibration, held_out
 
 

@@ -13,9 +13,10 @@ from torch import nn
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from vlmopt.compress import LowRankLinear, PruneLayersConfig, apply_variant, restore_structure
-from vlmopt.compress.prune import final_name
+from vlmopt.compress.prune_layers import final_name
+from vlmopt.compress.saved import load_variant
 from vlmopt.models import get_family, load_model
-from vlmopt.pipeline import compress_loaded, load_variant
+from vlmopt.pipeline import compress_loaded
 
 SUB_CONFIG = {
     ("blip", "vision"): "vision_config",

@@ -1,0 +1,149 @@
+"""A compressed model folder: saving a variant with its manifest, and loading it back as it was evaluated.
+
+The folder holds what ``save_pretrained`` can store (the model's tensors after the steps, its
+processor, ``vlmopt.json``), whatever a method stores beside it (kept LoRA adapters), and
+``manifest.json``. What the saved tensors cannot say by themselves, each method restores through
+the hooks of its :class:`~vlmopt.compress.variant.Method` entry:
+
+- ``load_dtype``: the dtype the dense model is built in (a ``precision`` step's float16);
+- ``load``: how the model is built when ``from_pretrained`` cannot build it (pruned attention
+  heads make layers narrower than the config says);
+- ``partial_weights``: the folder lacks some of the dense architecture's weights by design
+  (factorized or pruned layers), so the loader's warning about them is silenced;
+- ``save``: writes the method's own files and removes what ``save_pretrained`` must not see;
+- ``restore``: rebuilds the method's structure on the loaded model, in the order of
+  ``restore_stage`` (structure, then adapters, then wrappers around the modules that finally
+  run); runtime methods (dynamic int8) are re-applied from the manifest's ``runtime_steps``
+  between adapters and wrappers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["folder_digest", "load_variant", "read_manifest", "save_variant"]
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The ``manifest.json`` of a compressed folder, or None for a plain model folder."""
+    path = Path(folder) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def folder_digest(folder: str | Path) -> str:
+    """Hash of a saved model's weights and config files (what a variant was computed from)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*")):
+        if path.is_file() and path.suffix in (".safetensors", ".json"):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _methods(manifest: Mapping[str, Any] | None) -> list[Any]:
+    """The :class:`Method` entries of the manifest's steps, each once, in step order."""
+    from vlmopt.compress.methods import METHODS
+
+    names = dict.fromkeys(step.get("method") for step in (manifest or {}).get("steps", []))
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"the manifest records unknown compression method(s) {unknown}; methods: {', '.join(METHODS)}")
+    return [METHODS[name] for name in names]
+
+
+def _run_hooks(hooks: list[Callable[..., Any]], *args: Any) -> None:
+    """Each distinct hook once, in order (several methods may share one, such as activation quantizers)."""
+    done: list[Callable[..., Any]] = []
+    for hook in hooks:
+        if hook not in done:
+            hook(*args)
+            done.append(hook)
+
+
+#: Where the runtime steps are re-applied among the restore hooks' stages.
+RUNTIME_STAGE = 3
+
+
+def _reapply_runtime_steps(model: Any, parts: Any, manifest: Mapping[str, Any], folder: Path) -> None:
+    from vlmopt.compress.variant import apply_runtime_steps
+
+    apply_runtime_steps(model, parts, manifest)
+
+
+def restore_methods(loaded: Any, manifest: Mapping[str, Any], folder: str | Path, *, only: Any = None) -> None:
+    """Run the ``restore`` hooks of the manifest's methods (those ``only`` accepts, if given) on ``loaded``,
+    in stage order; the runtime methods' steps are re-applied from the manifest at :data:`RUNTIME_STAGE`."""
+    hooks = []
+    for method in _methods(manifest):
+        if only is not None and not only(method):
+            continue
+        if method.runtime:
+            hooks.append((RUNTIME_STAGE, _reapply_runtime_steps))
+        elif method.restore is not None:
+            hooks.append((method.restore_stage, method.restore))
+    hooks.sort(key=lambda item: item[0])
+    _run_hooks([hook for _, hook in hooks], loaded.model, loaded.parts(), manifest, Path(folder))
+
+
+def save_variant(loaded: Any, out_dir: str | Path, manifest: dict[str, Any], *, inputs_hash: str) -> Path:
+    """Save a model that :func:`~vlmopt.compress.variant.apply_variant` changed (``defer_runtime=True``)
+    to ``out_dir`` with its ``manifest.json`` (plus the serialized size and ``inputs_hash``); returns
+    the manifest's path.
+
+    The model is moved to the CPU, where runtime steps (dynamic int8) run. Methods with a ``save``
+    hook write their own files first (kept LoRA adapters), the model is saved, and then the
+    ``restore`` hooks of those methods and of the runtime methods run, so that on return ``loaded``
+    is the model as :func:`load_variant` reads it back.
+    """
+    from vlmopt.compress.manifest import serialized_size, write_manifest
+
+    out_dir = Path(out_dir)
+    loaded.model.to("cpu")
+    methods = _methods(manifest)
+    _run_hooks([m.save for m in methods if m.save is not None], loaded.model, out_dir)
+    loaded.save(out_dir)
+    restore_methods(loaded, manifest, out_dir, only=lambda m: m.save is not None or m.runtime)
+    return write_manifest(
+        out_dir / "manifest.json",
+        manifest,
+        serialized_size_bytes=serialized_size(loaded.model),
+        inputs_hash=inputs_hash,
+    )
+
+
+def load_variant(model_dir: str | Path, *, dtype: str | None = None) -> Any:
+    """Load a compressed model folder as it was evaluated, from its manifest.
+
+    ``from_pretrained`` builds the original dense architecture (in the dtype a method's
+    ``load_dtype`` asks for, unless ``dtype`` is given), or a method's ``load`` hook builds it;
+    then the methods' ``restore`` hooks run in stage order (see the module docstring). A folder
+    without a manifest is loaded as a plain model.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from vlmopt.models import load_model
+
+    manifest = read_manifest(model_dir)
+    methods = _methods(manifest)
+    if dtype is None:
+        # Not every config class restores a float16 checkpoint as float16 by itself.
+        dtypes = [m.load_dtype(manifest) for m in methods if m.load_dtype is not None]
+        dtype = next((d for d in reversed(dtypes) if d is not None), None)
+    loaders = [m.load for m in methods if m.load is not None]
+    if len(set(loaders)) > 1:
+        raise ValueError(f"{model_dir}: more than one method of the manifest builds the model itself")
+    level = hf_logging.get_verbosity()
+    if any(m.partial_weights for m in methods):
+        # The dense weights of factorized or pruned layers are missing by design; the restore hooks load them.
+        hf_logging.set_verbosity_error()
+    try:
+        loaded = loaders[0](model_dir, dtype=dtype) if loaders else load_model(model_dir, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(level)
+    if manifest is not None:
+        restore_methods(loaded, manifest, model_dir)
+    return loaded
