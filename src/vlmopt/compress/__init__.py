@@ -57,6 +57,7 @@ from vlmopt.compress.variant import (
     apply_variant,
     parse_step,
     step_datasets,
+    step_tasks,
 )
 
 __all__ = [
@@ -115,6 +116,7 @@ __all__ = [
     "select_modules",
     "serialized_size",
     "step_datasets",
+    "step_tasks",
     "weight_quant_spec",
     "write_manifest",
 ]

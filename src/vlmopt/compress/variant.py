@@ -40,6 +40,7 @@ __all__ = [
     "apply_variant",
     "parse_step",
     "step_datasets",
+    "step_tasks",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,12 @@ def step_datasets(step: Mapping[str, Any]) -> list[tuple[str, str]]:
     if method.trained:
         return [(config.dataset, config.split)]
     return []
+
+
+def step_tasks(step: Mapping[str, Any]) -> tuple[str, ...]:
+    """The task names a trained step's training reads its examples through (none for other steps)."""
+    method, config = parse_step(step)
+    return tuple(config.finetune_config().tasks or ()) if method.trained else ()
 
 
 def _check_weights(model: nn.Module, refs: list[ModuleRef], method: str) -> None:

@@ -63,10 +63,32 @@ def check_study(config: dict[str, Any]) -> None:
             if dataset not in datasets:
                 raise StudyError(f"runs[{i}].tasks.{task}: {dataset!r} is not a dataset; defined: {sorted(datasets)}")
         _check_family_tasks(config, i, run)
+    _check_task_names(config)
     if not evaluations(config):
         raise StudyError("runs: the study evaluates nothing")
     check_variant_steps(config)
     _check_sweep(config, models, finetunes, variants)
+
+
+def _check_task_names(config: dict[str, Any]) -> None:
+    """Every task a study names is one of the registry's (the schema lists none, so that adding a
+    task is a change to vlmopt.tasks only); generation settings are for generative tasks."""
+    from vlmopt.tasks import GENERATIVE_TASKS, TASKS
+
+    named = [
+        (f"runs[{i}].tasks.{task}", task) for i, run in enumerate(config.get("runs") or []) for task in run["tasks"]
+    ]
+    for slug, ft in (config.get("finetune") or {}).items():
+        named += [(f"finetune.{slug}.tasks", task) for task in (ft or {}).get("tasks") or []]
+    for key, task in named:
+        if task not in TASKS:
+            raise StudyError(f"{key}: unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    for task in (config.get("inference") or {}).get("generation") or {}:
+        if task not in GENERATIVE_TASKS:
+            raise StudyError(
+                f"inference.generation.{task}: not a task that generates text; generative tasks: "
+                f"{', '.join(GENERATIVE_TASKS)}"
+            )
 
 
 def _check_labeled_datasets(config: dict[str, Any], datasets: set[str], models: set[str], finetunes: set[str]) -> None:
@@ -123,7 +145,8 @@ def _check_family_tasks(config: dict[str, Any], i: int, run: dict[str, Any]) -> 
 
 def check_variant_steps(config: dict[str, Any]) -> None:
     """Validate every variant step's settings with its method's config (unknown keys, bad values)."""
-    from vlmopt.compress import parse_step, step_datasets
+    from vlmopt.compress import parse_step, step_datasets, step_tasks
+    from vlmopt.tasks import TASKS
 
     datasets = _names(config, "datasets")
     for slug, steps in (config.get("variants") or {}).items():
@@ -132,6 +155,11 @@ def check_variant_steps(config: dict[str, Any]) -> None:
                 method, parsed = parse_step(step)
             except (ValueError, TypeError) as exc:
                 raise StudyError(f"variants.{slug}[{i}]: {exc}") from exc
+            for task in step_tasks(step):
+                if task not in TASKS:
+                    raise StudyError(
+                        f"variants.{slug}[{i}].training.tasks: unknown task {task!r}; tasks: {', '.join(TASKS)}"
+                    )
             for dataset, _split in step_datasets(step):
                 if dataset not in datasets:
                     key = "calibration.dataset" if method.calibrated else "dataset"
