@@ -55,7 +55,7 @@ def test_an_edit_changes_the_digests_of_the_stages_that_import_it(copy):
 
 def test_an_edit_to_a_stage_function_changes_only_that_stage(copy):
     before = {stage: stage_digest(stage, copy) for stage in STAGES}
-    path = copy / "pipeline.py"
+    path = copy / "pipeline" / "predict.py"
     lines = path.read_text().splitlines(keepends=True)
     function = next(
         n for n in ast.parse("".join(lines)).body if isinstance(n, ast.FunctionDef) and n.name == "gather_predictions"
@@ -64,3 +64,21 @@ def test_an_edit_to_a_stage_function_changes_only_that_stage(copy):
     path.write_text("".join([*lines[:at], "    # edited\n", *lines[at:]]))
     after = {stage: stage_digest(stage, copy) for stage in STAGES}
     assert {stage for stage in STAGES if before[stage] != after[stage]} == {"gather_predictions"}
+
+
+def test_stages_that_do_not_score_ignore_the_scorers_and_the_packages_they_pass_through(copy):
+    # The task definitions import their scorers (vlmopt.metrics) inside score(); inference reaches
+    # the tasks for prompts only. A package's __init__ reached as the parent of a module counts
+    # with its bytes, without what it re-exports: the sweep axes do not pull in the figure table.
+    infer, score, profile = (set(stage_modules(s)) for s in ("infer", "score", "profile"))
+    assert "vlmopt.tasks.vqa" in infer and not any(m.startswith("vlmopt.metrics") for m in infer)
+    assert "vlmopt.metrics.vqa" in score
+    assert {"vlmopt.study", "vlmopt.study.sweep"} <= profile and "vlmopt.study.figures" not in profile
+    before = {stage: stage_digest(stage, copy) for stage in ("profile", "figure", "infer")}
+    with (copy / "study" / "figures.py").open("a") as f:
+        f.write("\n# edited\n")
+    with (copy / "metrics" / "caption.py").open("a") as f:
+        f.write("\n# edited\n")
+    after = {stage: stage_digest(stage, copy) for stage in ("profile", "figure", "infer")}
+    assert before["profile"] == after["profile"] and before["infer"] == after["infer"]
+    assert before["figure"] != after["figure"]

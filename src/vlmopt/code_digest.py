@@ -3,8 +3,8 @@
 Snakemake reruns a job when its rule's script, inputs or params change, but a script here is a
 thin call into :mod:`vlmopt.pipeline`, so an edit to, say, :mod:`vlmopt.metrics.vqa` would go
 unnoticed. Every rule therefore carries a ``code`` param, :func:`stage_digest` of its stage: a
-hash of the source of the stage's entry function in :mod:`vlmopt.pipeline` (and the pipeline
-helpers it calls), of every vlmopt module that source imports, and, transitively, of every vlmopt
+hash of the source of the stage's entry function in the :mod:`vlmopt.pipeline` package (and the
+pipeline helpers it calls), of every vlmopt module that source imports, and, transitively, of every vlmopt
 module those import (anywhere in the file, including imports inside functions, since the library
 imports heavy modules lazily), with their packages' ``__init__.py``. Editing a module that a stage
 can reach changes the digest of that stage only: an edit to the caption metrics reruns scoring and
@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["SCORING_STAGES", "STAGES", "stage_digest", "stage_modules"]
 
-#: Stage (Snakemake rule) -> its entry functions in vlmopt.pipeline.
+#: Stage (Snakemake rule) -> its entry functions in the vlmopt.pipeline package.
 STAGES: dict[str, tuple[str, ...]] = {
     "prepare_dataset": ("prepare_dataset",),
     "label_dataset": ("label_dataset",),
@@ -114,27 +114,45 @@ def _with_parents(module: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
 
 
+def _pipeline_modules(root: Path) -> list[str]:
+    """The modules of the vlmopt.pipeline package (its stage functions), without its ``__init__``."""
+    folder = root / "pipeline"
+    return sorted(f"{_PACKAGE}.pipeline.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__")
+
+
 def _entry_sources(stage: str, root: Path) -> tuple[list[str], set[str]]:
-    """Source of the stage's pipeline functions (and the pipeline helpers they call) and their imports."""
+    """Source of the stage's pipeline functions (and the pipeline helpers they call) and their imports.
+
+    The functions are looked up by name across the modules of vlmopt.pipeline; the module-level
+    imports of each module a function comes from count, those of the other modules do not.
+    """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {sorted(STAGES)}")
-    path = _source_path(f"{_PACKAGE}.pipeline", root)
-    tree = ast.parse(path.read_text(), str(path))
-    text = path.read_text()
-    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    module_level = {n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)}
+    functions: dict[str, tuple[str, ast.FunctionDef, str]] = {}
+    module_level: dict[str, set[str]] = {}
+    for module in _pipeline_modules(root):
+        path = _source_path(module, root)
+        text = path.read_text()
+        tree = ast.parse(text, str(path))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef):
+                if node.name in functions:
+                    raise ValueError(f"{node.name} is defined in both {functions[node.name][0]} and {module}")
+                functions[node.name] = (module, node, text)
+        module_level[module] = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                module_level[module] |= _imported(node, module, root)
     imports: set[str] = set()
-    for node in module_level:
-        imports |= _imported(node, f"{_PACKAGE}.pipeline", root)
     sources, todo, seen = [], list(STAGES[stage]), set()
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        node = functions[name]
+        module, node, text = functions[name]
         sources.append(ast.get_source_segment(text, node) or "")
-        imports |= _imported(node, f"{_PACKAGE}.pipeline", root)
+        imports |= module_level[module] | _imported(node, module, root)
         todo += [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in functions]
     return sorted(sources), imports
 
@@ -165,7 +183,7 @@ def stage_modules(stage: str, root: str | Path | None = None) -> list[str]:
             continue
         seen.add(module)
         followed.add(module)
-        if module == f"{_PACKAGE}.pipeline":
+        if module == f"{_PACKAGE}.pipeline" or module.startswith(f"{_PACKAGE}.pipeline."):
             # Pipeline code counts per stage (the entry functions and the helpers they call), not
             # as a whole, even where a module the stage runs imports the pipeline back.
             continue
@@ -174,7 +192,7 @@ def stage_modules(stage: str, root: str | Path | None = None) -> list[str]:
         if not scores and module.startswith(f"{_PACKAGE}.tasks"):
             imported = {m for m in imported if not m.startswith(f"{_PACKAGE}.metrics")}
         todo += [m for m in imported if m not in followed]
-    return sorted(m for m in seen if m != f"{_PACKAGE}.pipeline")
+    return sorted(m for m in seen if m != f"{_PACKAGE}.pipeline" and not m.startswith(f"{_PACKAGE}.pipeline."))
 
 
 def stage_digest(stage: str, root: str | Path | None = None) -> str:

@@ -1,0 +1,144 @@
+"""Pipeline stages: building, finetuning and compressing models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_model", "finetune_model", "compress_model", "compress_loaded"]
+
+
+def build_model(
+    source: str, out_dir: str | Path, *, settings: dict[str, Any], tokenizer_table: str | Path | None, seed: int = 0
+) -> None:
+    """Build (``tiny:<family>``) or fetch a model and save it to ``out_dir`` with its processor."""
+    from vlmopt.data import dataset_texts
+    from vlmopt.models import load_model
+
+    texts = None
+    if tokenizer_table:
+        from vlmopt.tasks import task_vocabulary
+
+        table = pd.read_parquet(tokenizer_table)
+        # The dataset's own text, and what its tasks add (real_vs_generated: the question and label texts).
+        texts = dataset_texts(table) + task_vocabulary(table.columns)
+    loaded = load_model(
+        source,
+        texts=texts,
+        seed=seed,
+        # What the study leaves out, load_model's defaults decide.
+        **{k: settings[k] for k in ("dtype", "image_size", "trust_remote_code") if k in settings},
+    )
+    loaded.save(out_dir)
+    log.info("saved %s (%s, %d parameters) to %s", source, loaded.family, loaded.model.num_parameters(), out_dir)
+
+
+def finetune_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    settings: dict[str, Any],
+    train_table: str | Path,
+    dataset_root: str | Path,
+    checkpoint_dir: str | Path,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Full finetuning of the model in ``model_dir``; resumes from ``checkpoint_dir`` after a kill.
+
+    Trains on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
+    """
+    from vlmopt.device import place
+    from vlmopt.finetune.config import FullFinetuneConfig
+    from vlmopt.finetune.full import finetune
+    from vlmopt.models import load_model
+
+    options = {k: v for k, v in settings.items() if k not in ("method", "dataset")}
+    options.setdefault("seed", seed)
+    config = FullFinetuneConfig.from_dict(options)
+    loaded = load_model(model_dir)
+    place(loaded.model, device)
+    summary = finetune(loaded, pd.read_parquet(train_table), dataset_root, config, checkpoint_dir=checkpoint_dir)
+    loaded.save(out_dir)
+    (Path(out_dir) / "finetune.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info(
+        "finetuned %s in %.0f s, loss %.3f -> %.3f",
+        model_dir,
+        summary["seconds"],
+        summary["first_loss"],
+        summary["last_loss"],
+    )
+    return summary
+
+
+def compress_model(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    steps: list[dict[str, Any]],
+    data_root: str | Path = "resources/data",
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Apply a variant's compression steps and save the model with its ``manifest.json``.
+
+    Steps with ``calibration: {dataset, split, n, ...}`` calibrate on that split of
+    ``data_root/<dataset>``, and ``lora`` steps train on theirs. Runtime steps (dynamic int8) do
+    not survive safetensors: the folder holds the weights they start from, the manifest records
+    them, and :func:`vlmopt.compress.saved.load_variant` re-applies them. Calibration, GPTQ, AWQ and
+    LoRA training run on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
+    """
+    from vlmopt.device import place
+    from vlmopt.models import load_model
+
+    loaded = load_model(model_dir)
+    place(loaded.model, device)
+    return compress_loaded(loaded, out_dir, steps=steps, data_root=data_root, source=model_dir)
+
+
+def compress_loaded(
+    loaded: Any,
+    out_dir: str | Path,
+    *,
+    steps: list[dict[str, Any]],
+    data_root: str | Path = "resources/data",
+    source: str | Path | None = None,
+) -> dict[str, Any]:
+    """:func:`compress_model` on a model already in memory, which is changed in place.
+
+    The steps run on the model's device; on return ``loaded`` is the model as
+    :func:`~vlmopt.compress.saved.load_variant` reads it back from ``out_dir``, on the CPU (runtime
+    steps applied, kept adapters attached). ``source`` is the folder it was loaded from, hashed into the manifest.
+    """
+    from vlmopt.compress import TrainingData, apply_variant
+    from vlmopt.compress.calibration import Calibration
+    from vlmopt.compress.saved import folder_digest, save_variant
+    from vlmopt.finetune.full import finetune
+    from vlmopt.tables import config_hash
+    from vlmopt.tasks.encode import calibration_batches
+
+    def calibration(spec: dict[str, Any]) -> Calibration:
+        root = Path(data_root) / spec["dataset"]
+        table = pd.read_parquet(root / f"{spec['split']}.parquet")
+        batches, description = calibration_batches(
+            loaded, table, root, n_samples=spec["n"], batch_size=spec["batch_size"], seed=spec["seed"]
+        )
+        return Calibration(batches, description)
+
+    def training(spec: dict[str, Any]) -> TrainingData:
+        root = Path(data_root) / spec["dataset"]
+        return TrainingData(loaded, pd.read_parquet(root / f"{spec['split']}.parquet"), root, fit=finetune)
+
+    manifest = apply_variant(
+        loaded.model, loaded.parts(), steps, defer_runtime=True, calibration=calibration, training=training
+    )
+    inputs = {"model": folder_digest(source) if source is not None else None, "steps": steps}
+    save_variant(loaded, out_dir, manifest, inputs_hash=config_hash(inputs))
+    return manifest
