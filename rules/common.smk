@@ -8,12 +8,13 @@ from snakemake.utils import validate
 from vlmopt.code_digest import stage_digest
 from vlmopt.data import SPLITS
 from vlmopt.data.labeling import CAPTIONER_DEFAULTS, LABELED_SOURCE
-from vlmopt.report import FIGURE_INFO, figure_file
 from vlmopt.study import (
+    FIGURES,
     canonical,
     check_study,
     evaluations,
     expand_grids,
+    figure_file,
     planned_figures,
     profiled,
     swept,
@@ -343,9 +344,9 @@ def figure_name(wildcards):
 
 
 def figure_caption(wildcards):
-    """What the figure shows and how to read it (vlmopt.report.FIGURE_INFO), for `snakemake --report`."""
-    return FIGURE_INFO[figure_name(wildcards)][0]
+    """What the figure shows and how to read it (vlmopt.study.FIGURES), for `snakemake --report`."""
+    return FIGURES[figure_name(wildcards)].caption
 
 
 def figure_category(wildcards):
-    return FIGURE_INFO[figure_name(wildcards)][1]
+    return FIGURES[figure_name(wildcards)].category

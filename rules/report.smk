@@ -23,7 +23,7 @@ rule tables:
 # The report's figures, those the study has data for (vlmopt.study.planned_figures): quality
 # against size and cost, the bit-width drop-off and its interactive 3-D view, SVD, pruning, the task
 # bars, the real-vs-generated confusion matrices, the before/after examples and the profiling
-# sweep's curves; one job each, captions and categories from vlmopt.report.FIGURE_INFO.
+# sweep's curves; one job each, captions and categories from vlmopt.study.FIGURES.
 rule figure:
     input:
         summary="results/tables/summary.parquet",

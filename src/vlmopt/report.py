@@ -26,7 +26,7 @@ from vlmopt.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FIGURE_INFO", "budget_limits", "build_report", "draw_figure", "figure_file", "variant_table"]
+__all__ = ["budget_limits", "build_report", "draw_figure", "figure_file", "variant_table"]
 
 #: Fractions of the most expensive baseline's cost that the budget tables use by default.
 BUDGET_FRACTIONS = (0.25, 0.5, 1.0)
@@ -63,11 +63,6 @@ TABLE_HEADERS = {
     "energy_j_per_sample": "energy (J/sample)",
     "gflops_per_sample": "GFLOP/sample",
 }
-
-
-#: Figure name -> (caption, category, file type), as Snakemake's report (rule ``figure``) reads them:
-#: a view of :data:`vlmopt.study.figures.FIGURES`.
-FIGURE_INFO: dict[str, tuple[str, str, str]] = {n: (f.caption, f.category, f.suffix) for n, f in FIGURES.items()}
 
 
 def draw_figure(

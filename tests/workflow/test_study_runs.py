@@ -97,7 +97,7 @@ def test_tables_and_plots_are_complete(finished_study):
 
 def test_snakemake_report_has_every_figure_with_its_caption(finished_study, tmp_path):
     """`snakemake --report` assembles the figure jobs' outputs with their captions, by category."""
-    from vlmopt.report import FIGURE_INFO
+    from vlmopt.study import FIGURES
 
     out = tmp_path / "report.html"
     result = run_snakemake(
@@ -107,12 +107,12 @@ def test_snakemake_report_has_every_figure_with_its_caption(finished_study, tmp_
     page = out.read_text()
     shown = ["quality_vs_size", "quality_vs_cost", "quality_vs_bits", "dropoff_3d", "task_bars", "confusion"]
     for name in [*shown, "examples"]:
-        caption, category, _ = FIGURE_INFO[name]
+        caption, category = FIGURES[name].caption, FIGURES[name].category
         # The caption's opening words (rendered from the figure rule's caption param) and its category.
         assert caption.split(":")[0].split(",")[0][:30] in page, name
         assert category in page, name
     # Figures the miniature study has no data for are not in it.
-    assert FIGURE_INFO["svd"][0][:40] not in page and FIGURE_INFO["pruning"][0][:40] not in page
+    assert FIGURES["svd"].caption[:40] not in page and FIGURES["pruning"].caption[:40] not in page
 
 
 def test_rerun_does_nothing(finished_study):

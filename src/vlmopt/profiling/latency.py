@@ -22,7 +22,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from vlmopt.device import model_device
+
 __all__ = [
+    "VisionTimer",
     "Clock",
     "CudaEventClock",
     "LatencyStats",
@@ -234,3 +237,38 @@ def samples_per_second(stats: LatencyStats, batch_size: int) -> Throughput:
 def tokens_per_second(stats: LatencyStats, tokens: int | float) -> Throughput:
     """Tokens per second when each timed call produces ``tokens`` tokens (for example batch x new tokens)."""
     return _per_second(stats, tokens, "tokens", "tokens/s")
+
+
+class VisionTimer:
+    """Milliseconds between the first vision layer's input and the last one's output, per call."""
+
+    def __init__(self, loaded: Any) -> None:
+        layers = loaded.parts().get("vision") or []
+        self.available = bool(layers)
+        self.times: list[float] = []
+        self._handles = []
+        if not layers:
+            return
+        first, last = layers[0][1], layers[-1][1]
+        self._cuda = model_device(loaded.model).type == "cuda"
+        self._t0: float | None = None
+        self._handles.append(first.register_forward_pre_hook(self._start))
+        self._handles.append(last.register_forward_hook(self._stop))
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _start(self, module, args) -> None:
+        if self._t0 is None:
+            self._t0 = self._now()
+
+    def _stop(self, module, args, output) -> None:
+        if self._t0 is not None:
+            self.times.append((self._now() - self._t0) * 1000.0)
+            self._t0 = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -35,7 +35,6 @@ rows say so in ``note``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import text_ids
 from vlmopt.profiling.energy import EnergyMeter
 from vlmopt.profiling.flops import count_flops
-from vlmopt.profiling.latency import measure_latency
+from vlmopt.profiling.latency import VisionTimer, measure_latency
 from vlmopt.profiling.memory import PeakMemory
 from vlmopt.profiling.sweep import lengthen_prompts, resize_longest
 from vlmopt.tasks import get_task
@@ -106,41 +105,6 @@ def _batch(loaded: LoadedModel, table: pd.DataFrame, dataset_root: str | Path, t
     if len(rows) < batch_size:
         raise ValueError(f"profiling needs {batch_size} readable images; the split has {len(rows)}")
     return table.iloc[rows].reset_index(drop=True), images
-
-
-class _VisionTimer:
-    """Milliseconds between the first vision layer's input and the last one's output, per call."""
-
-    def __init__(self, loaded: LoadedModel) -> None:
-        layers = loaded.parts().get("vision") or []
-        self.available = bool(layers)
-        self.times: list[float] = []
-        self._handles = []
-        if not layers:
-            return
-        first, last = layers[0][1], layers[-1][1]
-        self._cuda = model_device(loaded.model).type == "cuda"
-        self._t0: float | None = None
-        self._handles.append(first.register_forward_pre_hook(self._start))
-        self._handles.append(last.register_forward_hook(self._stop))
-
-    def _now(self) -> float:
-        if self._cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def _start(self, module, args) -> None:
-        if self._t0 is None:
-            self._t0 = self._now()
-
-    def _stop(self, module, args, output) -> None:
-        if self._t0 is not None:
-            self.times.append((self._now() - self._t0) * 1000.0)
-            self._t0 = None
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def _timed_rows(
@@ -321,7 +285,7 @@ def _profile(
                 None if decode is not None else "max_new_tokens is 1: no decoding step after the prefill",
             )
         )
-        vision = _VisionTimer(loaded)
+        vision = VisionTimer(loaded)
         try:
             if vision.available:
                 for _ in range(settings["repeats"]):

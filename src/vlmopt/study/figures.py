@@ -37,7 +37,7 @@ def reads_classes(task: Task) -> bool:
     """Whether the task's generated answers are read as classes of its table's ``label_name`` (real vs
     generated): its scores count the answers per true class (the confusion matrices), and its examples
     show the class read beside the answer's text."""
-    return "label_name" in task.truth_columns
+    return task.generative and task.answers_are_classes
 
 
 @dataclass(frozen=True)

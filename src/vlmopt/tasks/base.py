@@ -39,6 +39,9 @@ class Task:
     metrics: tuple[str, ...] = ()
     #: Dataset columns that hold the truth a prediction is shown against (before/after examples).
     truth_columns: tuple[str, ...] = ()
+    #: True when a generated answer is read as one of the table's classes (``label_name``): the
+    #: scores count answers per true class (confusion matrices) and examples show the class read.
+    answers_are_classes: bool = False
     #: How :meth:`judge` decides right or wrong, for a figure's legend; empty when it does not judge.
     judge_rule: str = ""
 

@@ -33,6 +33,7 @@ class RealVsGeneratedTask(Task):
     headline_label = "real-vs-generated accuracy (%)"
     metrics = ("accuracy", "f1")
     truth_columns = ("label_name",)
+    answers_are_classes = True
     judge_rule = "the class read from the generated text (quoted) against the true class"
 
     def prompts(self, df: pd.DataFrame, adapter: FamilyAdapter) -> list[str]:
