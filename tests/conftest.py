@@ -49,3 +49,20 @@ def write_predictions():
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def blip2_opt(shapes_texts):
+    """A tiny BLIP-2 (OPT) with the shapes vocabulary (read-only: tests must not change it)."""
+    from vlmopt.models import load_model
+
+    return load_model("tiny:blip2-opt", texts=shapes_texts, seed=0)
+
+
+@pytest.fixture(scope="session")
+def blip2_calibration(blip2_opt, shapes_train, shapes_root):
+    """Twelve calibration samples of the shapes training split, encoded for :func:`blip2_opt`."""
+    from vlmopt.compress.calibration import Calibration
+    from vlmopt.tasks.encode import calibration_batches
+
+    return Calibration(*calibration_batches(blip2_opt, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=0))

@@ -6,45 +6,39 @@ import pytest
 import torch
 
 from vlmopt.compress.calibration import Calibration
-from vlmopt.models import load_model
 from vlmopt.tasks.encode import calibration_batches
 
 
-@pytest.fixture(scope="module")
-def blip2(shapes_texts):
-    return load_model("tiny:blip2-opt", texts=shapes_texts, seed=0)
-
-
-@pytest.fixture(scope="module")
-def calibration(blip2, shapes_train, shapes_root):
-    return Calibration(*calibration_batches(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=0))
-
-
-def test_batches_hold_images_and_both_tasks(calibration, blip2):
-    assert calibration.n_samples == 12 and len(calibration.batches) == 3
-    assert all("pixel_values" in b and "labels" not in b for b in calibration.batches)
-    assert calibration.description["tasks"] == ["captioning", "vqa"]
+def test_batches_hold_images_and_both_tasks(blip2_calibration, blip2_opt):
+    assert blip2_calibration.n_samples == 12 and len(blip2_calibration.batches) == 3
+    assert all("pixel_values" in b and "labels" not in b for b in blip2_calibration.batches)
+    assert blip2_calibration.description["tasks"] == ["captioning", "vqa"]
     # Batches alternate tasks: the second carries the VQA prompt, the first a caption only.
-    texts = [blip2.tokenizer.decode(b["input_ids"][0], skip_special_tokens=True).lower() for b in calibration.batches]
+    texts = [
+        blip2_opt.tokenizer.decode(b["input_ids"][0], skip_special_tokens=True).lower()
+        for b in blip2_calibration.batches
+    ]
     assert "short answer" in texts[1] and "answer" not in texts[0]
 
 
-def test_a_table_calibrates_the_tasks_it_has_columns_for(blip2, shapes_train, shapes_root):
+def test_a_table_calibrates_the_tasks_it_has_columns_for(blip2_opt, shapes_train, shapes_root):
     captions_only = shapes_train[["sample_id", "image", "references"]]
-    calibration = Calibration(*calibration_batches(blip2, captions_only, shapes_root, n_samples=8, batch_size=4))
-    assert calibration.description["tasks"] == ["captioning"]
+    blip2_calibration = Calibration(
+        *calibration_batches(blip2_opt, captions_only, shapes_root, n_samples=8, batch_size=4)
+    )
+    assert blip2_calibration.description["tasks"] == ["captioning"]
     with pytest.raises(ValueError, match="has the columns of none of the tasks"):
-        calibration_batches(blip2, shapes_train[["sample_id", "image", "label"]], shapes_root, n_samples=4)
+        calibration_batches(blip2_opt, shapes_train[["sample_id", "image", "label"]], shapes_root, n_samples=4)
 
 
-def test_same_seed_same_samples(blip2, shapes_train, shapes_root, calibration):
-    again = Calibration(*calibration_batches(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=0))
-    other = Calibration(*calibration_batches(blip2, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=1))
+def test_same_seed_same_samples(blip2_opt, shapes_train, shapes_root, blip2_calibration):
+    again = Calibration(*calibration_batches(blip2_opt, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=0))
+    other = Calibration(*calibration_batches(blip2_opt, shapes_train, shapes_root, n_samples=12, batch_size=4, seed=1))
     assert all(
         torch.equal(a["pixel_values"], b["pixel_values"])
-        for a, b in zip(again.batches, calibration.batches, strict=True)
+        for a, b in zip(again.batches, blip2_calibration.batches, strict=True)
     )
     assert not all(
         torch.equal(a["pixel_values"], b["pixel_values"])
-        for a, b in zip(other.batches, calibration.batches, strict=True)
+        for a, b in zip(other.batches, blip2_calibration.batches, strict=True)
     )
