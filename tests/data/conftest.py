@@ -1,4 +1,5 @@
-"""A loopback HTTP server for download tests: serves bytes by path, honours Range, can cut transfers short."""
+"""A loopback HTTP server for download tests: serves bytes by path, honours Range, can cut transfers short,
+answer a resume at the wrong offset, and send other headers than the true ones."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ import pytest
 
 
 class LoopbackServer:
-    """Files served at ``url(path)``; ``cut[path] = n`` ends the next response for ``path`` after n bytes."""
+    """Files served at ``url(path)``.
+
+    ``cut[path] = n`` ends the next response for ``path`` after n bytes; ``shift[path] = k`` answers
+    a Range request for byte s with a 206 that starts at byte s - k instead (its Content-Range
+    telling the truth about what is sent); ``headers[path]`` replaces headers of every answer for
+    ``path`` (a value of None leaves that header out).
+    """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.cut: dict[str, int] = {}
+        self.shift: dict[str, int] = {}
+        self.headers: dict[str, dict[str, str | None]] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.ignore_range = False
         server = self
@@ -21,6 +30,14 @@ class LoopbackServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args) -> None:  # keep test output quiet
                 pass
+
+            def _answer(self, path: str, status: int, headers: dict[str, str | None]) -> None:
+                self.send_response(status)
+                headers.update(server.headers.get(path, {}))
+                for name, value in headers.items():
+                    if value is not None:
+                        self.send_header(name, value)
+                self.end_headers()
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.lstrip("/")
@@ -34,19 +51,21 @@ class LoopbackServer:
                 if header and not server.ignore_range:
                     start = int(header.removeprefix("bytes=").split("-")[0])
                     if start >= len(body):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(body)}")
-                        self.end_headers()
+                        self._answer(path, 416, {"Content-Range": f"bytes */{len(body)}"})
                         return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    start = max(0, min(len(body) - 1, start - server.shift.get(path, 0)))
+                    status = 206
+                    headers = {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
                 else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
+                    status, headers = 200, {}
+                headers["Content-Length"] = str(len(body) - start)
+                self._answer(path, status, headers)
                 chunk = body[start:]
                 limit = server.cut.pop(path, None)
-                self.wfile.write(chunk if limit is None else chunk[:limit])
+                try:
+                    self.wfile.write(chunk if limit is None else chunk[:limit])
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: fine
+                    self.close_connection = True
                 if limit is not None:
                     self.close_connection = True
 

@@ -1,15 +1,29 @@
-"""Downloads resume, retry and verify; extraction refuses members that leave their folder."""
+"""Downloads resume, retry and verify (checksums, HTTP's own sizes and ranges, pinned sizes, archives);
+extraction refuses members that leave their folder and archives that stop short."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
+import random
+import re
 import tarfile
 import zipfile
 
 import pytest
 
-from vlmopt.data.download import ChecksumError, DownloadError, UnsafeArchiveError, download, safe_extract
+from vlmopt.data.download import (
+    ChecksumError,
+    CorruptArchiveError,
+    DownloadError,
+    SizeMismatchError,
+    UnsafeArchiveError,
+    check_archive,
+    download,
+    safe_extract,
+)
+from vlmopt.data.sources import RemoteFile, fetch
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, so a transfer spans several chunks
 
@@ -128,3 +142,240 @@ def test_links_in_archives_are_refused(tmp_path):
     (tmp_path / "plain").write_text("not an archive")
     with pytest.raises(ValueError, match="neither a zip nor a tar"):
         safe_extract(tmp_path / "plain", tmp_path / "out")
+
+
+# --- what HTTP itself says ---------------------------------------------------------------------
+
+N = len(PAYLOAD)
+
+
+@pytest.mark.parametrize("shift", [500, -500])
+def test_a_resume_answered_at_the_wrong_offset_starts_over(shift, http_server, tmp_path, caplog):
+    http_server.files["a.bin"] = PAYLOAD
+    http_server.shift["a.bin"] = shift
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD[:1000])
+    with caplog.at_level(logging.WARNING, logger="vlmopt.data.download"):
+        out = download(http_server.url("a.bin"), tmp_path / "a.bin", progress=False)
+    # Not the partial file with bytes from elsewhere appended: the true file, fetched again from zero.
+    assert out.read_bytes() == PAYLOAD
+    assert http_server.requests == [("a.bin", "bytes=1000-"), ("a.bin", None)]
+    assert f"resume at byte 1000 with Content-Range 'bytes {1000 - shift}-{N - 1}/{N}'" in caplog.text
+
+
+def test_a_416_completes_only_a_partial_file_of_the_remote_size(http_server, tmp_path, caplog):
+    http_server.files["a.bin"] = PAYLOAD
+    # A partial file longer than the remote file: 416, but not complete; fetched again.
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD + b"stale tail")
+    with caplog.at_level(logging.WARNING, logger="vlmopt.data.download"):
+        out = download(http_server.url("a.bin"), tmp_path / "a.bin", progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert http_server.requests == [("a.bin", f"bytes={N + 10}-"), ("a.bin", None)]
+    assert f"the partial file has {N + 10} bytes but the remote file has {N} bytes" in caplog.text
+    # A partial file of exactly the remote size is complete: one request, nothing sent again.
+    (tmp_path / "b.bin.part").write_bytes(PAYLOAD)
+    http_server.files["b.bin"] = PAYLOAD
+    out = download(http_server.url("b.bin"), tmp_path / "b.bin", progress=False)
+    assert out.read_bytes() == PAYLOAD and not (tmp_path / "b.bin.part").exists()
+    assert http_server.requests[2:] == [("b.bin", f"bytes={N}-")]
+
+
+def test_a_416_without_the_remote_size_starts_over(http_server, tmp_path, caplog):
+    http_server.files["a.bin"] = PAYLOAD
+    http_server.headers["a.bin"] = {"Content-Range": None}
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD)
+    with caplog.at_level(logging.WARNING, logger="vlmopt.data.download"):
+        out = download(http_server.url("a.bin"), tmp_path / "a.bin", progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert http_server.requests == [("a.bin", f"bytes={N}-"), ("a.bin", None)]
+    assert "without naming the file's size" in caplog.text
+
+
+def test_a_body_shorter_than_its_content_length_is_not_complete(http_server, tmp_path):
+    http_server.files["a.bin"] = PAYLOAD
+    http_server.headers["a.bin"] = {"Content-Length": str(N + 10)}
+    with pytest.raises(DownloadError, match=f"connection closed after {N} of {N + 10} bytes"):
+        download(http_server.url("a.bin"), tmp_path / "a.bin", retries=0, progress=False)
+    assert not (tmp_path / "a.bin").exists()
+    assert (tmp_path / "a.bin.part").read_bytes() == PAYLOAD  # kept, to be resumed
+
+
+def test_a_206_whose_range_and_length_disagree_is_not_appended(http_server, tmp_path):
+    http_server.files["a.bin"] = PAYLOAD
+    http_server.headers["a.bin"] = {"Content-Length": "5"}
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD[:1000])
+    with pytest.raises(DownloadError, match=f"names {N - 1000} bytes but Content-Length says 5"):
+        download(http_server.url("a.bin"), tmp_path / "a.bin", retries=0, progress=False)
+    assert (tmp_path / "a.bin.part").read_bytes() == PAYLOAD[:1000]
+    assert not (tmp_path / "a.bin").exists()
+
+
+def test_a_206_that_stops_short_of_the_total_is_resumed(http_server, tmp_path):
+    # Content-Range promises the whole rest (total N) but the connection ends early: kept, then resumed.
+    http_server.files["a.bin"] = PAYLOAD
+    http_server.cut["a.bin"] = 1000
+    (tmp_path / "a.bin.part").write_bytes(PAYLOAD[:1000])
+    out = download(http_server.url("a.bin"), tmp_path / "a.bin", backoff=0.01, progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert http_server.requests == [("a.bin", "bytes=1000-"), ("a.bin", "bytes=2000-")]
+
+
+@pytest.mark.parametrize("content_type", ["text/html; charset=utf-8", "application/xhtml+xml"])
+def test_an_html_error_page_is_never_kept(content_type, http_server, tmp_path):
+    http_server.files["x.tar.gz"] = b"<html><body>Please log in</body></html>"
+    http_server.headers["x.tar.gz"] = {"Content-Type": content_type}
+    url = http_server.url("x.tar.gz")
+    expected = f"{url}: the server answered with an HTML page (Content-Type {content_type.split(';')[0]})"
+    with pytest.raises(DownloadError, match=re.escape(expected)):
+        download(url, tmp_path / "x.tar.gz", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert len(http_server.requests) == 1  # refused for good, not retried
+    # The same answer for a URL that names an HTML file is that file.
+    http_server.files["page.html"] = b"<html></html>"
+    http_server.headers["page.html"] = {"Content-Type": "text/html"}
+    assert (
+        download(http_server.url("page.html"), tmp_path / "page.html", progress=False).read_bytes() == b"<html></html>"
+    )
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_pinned_size_mismatch_names_both_sizes_and_keeps_nothing(announced, http_server, tmp_path):
+    http_server.files["a.bin"] = PAYLOAD
+    if not announced:  # no Content-Length: the size is only known once the file is here
+        http_server.headers["a.bin"] = {"Content-Length": None}
+    with pytest.raises(SizeMismatchError, match=f"{N} bytes, the pinned size is {N + 1} bytes") as err:
+        download(http_server.url("a.bin"), tmp_path / "a.bin", size=N + 1, progress=False)
+    assert isinstance(err.value, ChecksumError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pinned_size_is_checked_for_new_and_existing_files(http_server, tmp_path):
+    http_server.files["a.bin"] = PAYLOAD
+    # A server whose Content-Length is short would otherwise hand over a truncated file as complete.
+    http_server.headers["a.bin"] = {"Content-Length": "1000"}
+    with pytest.raises(SizeMismatchError, match=f"size as 1000 bytes, the pinned size is {N} bytes"):
+        download(http_server.url("a.bin"), tmp_path / "a.bin", size=N, progress=False)
+    del http_server.headers["a.bin"]
+    out = download(http_server.url("a.bin"), tmp_path / "a.bin", size=N, progress=False)
+    assert out.read_bytes() == PAYLOAD
+    n = len(http_server.requests)
+    assert download(http_server.url("a.bin"), out, size=N, progress=False) == out
+    assert len(http_server.requests) == n  # the right size is trusted
+    out.write_bytes(PAYLOAD[:-1])  # a file of another size under the final name is fetched again
+    assert download(http_server.url("a.bin"), out, size=N, progress=False).read_bytes() == PAYLOAD
+    assert http_server.requests[n:] == [("a.bin", None)]
+    # A leftover partial file longer than the pinned size is not resumed.
+    (tmp_path / "b.bin.part").write_bytes(PAYLOAD + b"x")
+    http_server.files["b.bin"] = PAYLOAD
+    assert download(http_server.url("b.bin"), tmp_path / "b.bin", size=N, progress=False).read_bytes() == PAYLOAD
+    assert http_server.requests[-1] == ("b.bin", None)
+
+
+def test_fetch_passes_a_source_s_pinned_size_on(http_server, tmp_path):
+    http_server.files["a.bin"] = PAYLOAD
+    mirror = http_server.url("")
+    files = [RemoteFile("a.bin", "https://example.invalid/a.bin", size=N - 1)]
+    with pytest.raises(SizeMismatchError, match=f"the pinned size is {N - 1} bytes"):
+        fetch(files, tmp_path / "raw", mirror=mirror, progress=False)
+    files = [RemoteFile("a.bin", "https://example.invalid/a.bin", size=N)]
+    assert fetch(files, tmp_path / "raw", mirror=mirror, progress=False)["a.bin"].read_bytes() == PAYLOAD
+
+
+# --- archives that stop short ------------------------------------------------------------------
+
+
+def _noise(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)  # incompressible, so a cut archive lacks member data
+
+
+def _archive(kind: str) -> bytes:
+    members = {f"data/m{i}.bin": _noise(20_000, i) for i in range(4)}
+    if kind == "zip":
+        return _zip(members)
+    buffer = io.BytesIO()
+    with tarfile.open(
+        fileobj=buffer, mode={"tar.gz": "w:gz", "tar": "w", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}[kind]
+    ) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _tar_end(data: bytes) -> int:
+    """Where a plain tar's end-of-archive marker starts."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.getmembers()
+        return tar.offset
+
+
+def _cuts(kind: str, data: bytes) -> list[int]:
+    if kind == "tar":  # the members are all there, the end marker is not (or only in part)
+        return [len(data) // 2, _tar_end(data), _tar_end(data) + 100]
+    return [len(data) // 2, len(data) - 5]  # the compressed stream's or the zip directory's end is missing
+
+
+ARCHIVES = ["tar.gz", "zip", "tar", "tar.bz2", "tar.xz"]
+
+
+@pytest.mark.parametrize("kind", ARCHIVES)
+def test_complete_archives_pass_the_check(kind, tmp_path):
+    path = tmp_path / f"x.{kind}"
+    path.write_bytes(_archive(kind))
+    check_archive(path)
+    written = safe_extract(path, tmp_path / "out")
+    assert sorted(p.name for p in written) == ["m0.bin", "m1.bin", "m2.bin", "m3.bin"]
+    assert (tmp_path / "out/data/m2.bin").read_bytes() == _noise(20_000, 2)
+
+
+@pytest.mark.parametrize("kind", ARCHIVES)
+def test_a_truncated_archive_is_refused_and_removed_by_download(kind, http_server, tmp_path):
+    data = _archive(kind)
+    for cut in _cuts(kind, data):
+        name = f"x{cut}.{kind}"
+        http_server.files[name] = data[:cut]  # served honestly: HTTP cannot tell, the archive can
+        with pytest.raises(CorruptArchiveError, match=f"archive {name} cannot be read to its end"):
+            download(http_server.url(name), tmp_path / name, progress=False)
+        assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.part").exists()
+        # A broken archive already under its final name is not trusted: it is fetched again.
+        (tmp_path / name).write_bytes(data[:cut])
+        http_server.files[name] = data
+        assert download(http_server.url(name), tmp_path / name, progress=False).read_bytes() == data
+
+
+@pytest.mark.parametrize("kind", ARCHIVES)
+def test_a_truncated_archive_is_refused_and_removed_by_safe_extract(kind, tmp_path):
+    data = _archive(kind)
+    for cut in _cuts(kind, data):
+        path = tmp_path / f"x{cut}.{kind}"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CorruptArchiveError, match="cannot be read to its end") as err:
+            check_archive(path)
+        assert str(path) in str(err.value) and path.exists()  # the check alone leaves the file
+        with pytest.raises(CorruptArchiveError, match=f"{path} cannot be read to its end.*was removed"):
+            safe_extract(path, tmp_path / "out")
+        assert not path.exists()
+        assert not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_a_zip_with_bytes_missing_in_the_middle_is_refused(tmp_path):
+    data = _archive("zip")
+    path = tmp_path / "x.zip"
+    path.write_bytes(data[:30_000] + data[31_000:])  # the directory is intact, its offsets are not
+    with pytest.raises(CorruptArchiveError, match="x.zip cannot be read to its end"):
+        safe_extract(path, tmp_path / "out")
+    assert not path.exists()
+
+
+def test_a_checksum_vouches_for_an_archive_and_a_non_archive_is_not_listed(http_server, tmp_path):
+    # A file whose name is no archive's is not listed; one under an archive's name that is not one is refused.
+    http_server.files["notes.txt"] = b"plain text"
+    assert download(http_server.url("notes.txt"), tmp_path / "notes.txt", progress=False).read_bytes() == b"plain text"
+    http_server.files["y.zip"] = b"plain text"
+    with pytest.raises(CorruptArchiveError, match=r"y.zip cannot be read to its end \(File is not a zip file\)"):
+        download(http_server.url("y.zip"), tmp_path / "y.zip", progress=False)
+    assert not (tmp_path / "y.zip").exists()
+    # With a checksum, the published bytes are what they are: no listing needed.
+    data = _archive("tar.gz")[:1000]
+    http_server.files["z.tar.gz"] = data
+    assert download(http_server.url("z.tar.gz"), tmp_path / "z.tar.gz", sha256=_sha(data), progress=False).exists()

@@ -1,10 +1,11 @@
 """Shared pieces of the real dataset sources: pinned files, fetching, subsets, and writing the splits.
 
 A real source pins its files (:class:`RemoteFile`: URL and, where the publisher gives one, a
-checksum), fetches them into a raw folder that survives reruns (so an interrupted download
-resumes), converts the published layout into the canonical tables (:mod:`vlmopt.data.schema`), and writes all
-three splits: a split the dataset does not have is written empty, so every dataset offers the
-same three files to the workflow. ``mirror`` replaces every file's host with a mirror (or a test
+checksum; where it gives none, a size in bytes can be pinned instead), fetches them into a raw
+folder that survives reruns (so an interrupted download resumes), converts the published layout
+into the canonical tables (:mod:`vlmopt.data.schema`), and writes all three splits: a split the
+dataset does not have is written empty, so every dataset offers the same three files to the
+workflow. ``mirror`` replaces every file's host with a mirror (or a test
 server) that serves the same file names.
 """
 
@@ -26,22 +27,29 @@ __all__ = ["RemoteFile", "deterministic_subset", "fetch", "write_splits"]
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One published file: saved as ``name`` in the raw folder, checked against its checksum."""
+    """One published file: saved as ``name`` in the raw folder, checked against its checksum and size.
+
+    ``size`` (bytes) pins the file's length where the publisher gives no checksum; leave it unset
+    unless the value was taken from the published file itself.
+    """
 
     name: str
     url: str
     sha256: str | None = None
     md5: str | None = None
+    size: int | None = None
 
 
 def fetch(
     files: Iterable[RemoteFile], raw_dir: str | Path, *, mirror: str | None = None, progress: bool = True
 ) -> dict[str, Path]:
-    """Download each file into ``raw_dir`` (resuming, verifying); file name -> path."""
+    """Download each file into ``raw_dir`` (resuming, verifying checksum, size and archives); file name -> path."""
     out = {}
     for file in files:
         url = f"{mirror.rstrip('/')}/{file.name}" if mirror else file.url
-        out[file.name] = download(url, Path(raw_dir) / file.name, sha256=file.sha256, md5=file.md5, progress=progress)
+        out[file.name] = download(
+            url, Path(raw_dir) / file.name, sha256=file.sha256, md5=file.md5, size=file.size, progress=progress
+        )
     return out
 
 
