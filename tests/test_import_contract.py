@@ -291,18 +291,18 @@ def test_the_checker_finds_a_direct_forbidden_import(graph, copy):
 def test_the_checker_finds_a_transitive_forbidden_import_and_names_its_chain(graph, copy):
     rule = ("vlmopt.metrics", ("vlmopt.models", "vlmopt.compress"))
     before = package_violations(graph, *rule)
-    # metrics.retrieval -> data.local_folders (-> parent vlmopt.data); data.download -> compress.quant.
+    # metrics.retrieval -> data.local_folders (-> parent vlmopt.data); data.archives -> compress.quant.
     _append(copy / "metrics" / "retrieval.py", "def _folders():\n    from vlmopt.data import local_folders\n")
-    _append(copy / "data" / "download.py", "def _quantize():\n    from vlmopt.compress.quant import quantize\n")
+    _append(copy / "data" / "archives.py", "def _quantize():\n    from vlmopt.compress.quant import quantize\n")
     retrieval = _last_import_line(copy / "metrics" / "retrieval.py")
-    download = _last_import_line(copy / "data" / "download.py")
-    init = _first_import_line(copy / "data" / "__init__.py", "vlmopt.data.download")
+    archives = _last_import_line(copy / "data" / "archives.py")
+    init = _first_import_line(copy / "data" / "__init__.py", "vlmopt.data.archives")
     assert _new(before, package_violations(import_graph(copy), *rule)) == [
-        "vlmopt.metrics.retrieval reaches vlmopt.compress.quant, which vlmopt.data.download imports "
-        f"(line {download}: from vlmopt.compress.quant import quantize); chain: "
+        "vlmopt.metrics.retrieval reaches vlmopt.compress.quant, which vlmopt.data.archives imports "
+        f"(line {archives}: from vlmopt.compress.quant import quantize); chain: "
         f"vlmopt.metrics.retrieval -> vlmopt.data (line {retrieval}: from vlmopt.data import local_folders); "
-        f"vlmopt.data -> vlmopt.data.download (line {init}: from vlmopt.data.download import safe_extract); "
-        f"vlmopt.data.download -> vlmopt.compress.quant (line {download}: from vlmopt.compress.quant import quantize)"
+        f"vlmopt.data -> vlmopt.data.archives (line {init}: from vlmopt.data.archives import safe_extract); "
+        f"vlmopt.data.archives -> vlmopt.compress.quant (line {archives}: from vlmopt.compress.quant import quantize)"
     ]
 
 

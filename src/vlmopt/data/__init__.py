@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmopt.data.archives import safe_extract
 from vlmopt.data.cifar100 import make_cifar100_test
 from vlmopt.data.coco import make_coco2017_val
-from vlmopt.data.download import safe_extract
 from vlmopt.data.genimage import make_genimage_biggan
 from vlmopt.data.imagenet import make_imagenet_val
 from vlmopt.data.imagenetv2 import make_imagenetv2

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from vlmopt.data.download import safe_extract
+from vlmopt.data.archives import safe_extract
 from vlmopt.data.local_folders import typed_empty
 from vlmopt.data.sources import RemoteFile, deterministic_subset, fetch, write_splits
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlmopt.data.download import safe_extract
+from vlmopt.data.archives import safe_extract
 from vlmopt.data.sources import RemoteFile, deterministic_subset, fetch, write_splits
 
 __all__ = ["COCO2017_VAL_FILES", "make_coco2017_val"]

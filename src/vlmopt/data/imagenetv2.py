@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from vlmopt.data.download import safe_extract
+from vlmopt.data.archives import safe_extract
 from vlmopt.data.imagenet import MAPPING_FILE, read_synset_mapping
 from vlmopt.data.local_folders import IMAGE_SUFFIXES, typed_empty
 from vlmopt.data.sources import RemoteFile, deterministic_subset, fetch, write_splits

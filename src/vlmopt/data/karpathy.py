@@ -47,7 +47,7 @@ from typing import Any
 
 import pandas as pd
 
-from vlmopt.data.download import safe_extract
+from vlmopt.data.archives import safe_extract
 from vlmopt.data.local_folders import require_folder, sync_images
 from vlmopt.data.schema import SPLITS
 from vlmopt.data.sources import RemoteFile, deterministic_subset, fetch, write_splits

@@ -27,6 +27,7 @@ __all__ = [
     "column_order",
     "dataset_texts",
     "read_split",
+    "require_rows",
     "validate_dataset_table",
     "write_table",
 ]
@@ -171,6 +172,32 @@ def read_split(root: str | Path, split: str, tasks: Iterable[str] = ()) -> pd.Da
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     return df
+
+
+def require_rows(table: str | Path, purpose: str) -> int:
+    """The number of rows of the split table at ``table``; an error when it has none.
+
+    Checked by the jobs that read a split (inference, profiling, finetuning, calibration) before
+    they load a model: a source writes an empty table for a split it does not have, and an empty
+    split would otherwise run through inference and fail only in scoring. The message names the
+    dataset, the split, what reads it (``purpose``, e.g. ``"inference.split"``) and the splits of
+    that dataset that have rows. Reads only the Parquet footers.
+    """
+    path = Path(table)
+    rows = pq.read_metadata(path).num_rows
+    if rows:
+        return rows
+    others = []
+    for split in SPLITS:
+        sibling = path.with_name(f"{split}.parquet")
+        if sibling != path and sibling.is_file():
+            n = pq.read_metadata(sibling).num_rows
+            if n:
+                others.append(f"{split} ({n} rows)")
+    raise ValueError(
+        f"dataset {path.parent.name!r} has no rows in split {path.stem!r}, which {purpose} reads; "
+        f"its splits with rows: {', '.join(others) or 'none'}"
+    )
 
 
 def dataset_texts(df: pd.DataFrame) -> list[str]:

@@ -46,7 +46,7 @@ from typing import Any
 
 import pandas as pd
 
-from vlmopt.data.download import safe_extract
+from vlmopt.data.archives import safe_extract
 from vlmopt.data.sources import RemoteFile, deterministic_subset, fetch, write_splits
 
 __all__ = [
