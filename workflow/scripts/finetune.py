@@ -11,4 +11,5 @@ finetune_model(
     dataset_root=Path(snakemake.input.images).parent,
     checkpoint_dir=snakemake.params.checkpoints,
     seed=snakemake.params.seed,
+    code=snakemake.params.code,
 )

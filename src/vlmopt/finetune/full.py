@@ -2,17 +2,24 @@
 
 Every example of every task in the training split is seen once per epoch, in an order drawn
 from ``seed`` and the epoch number alone, so a run resumed from a checkpoint at step k continues
-with exactly the batches an uninterrupted run would have used. A checkpoint holds the model,
-the optimizer, the step and the RNG state, and is written atomically (temp folder, then rename).
+with exactly the batches an uninterrupted run would have used. A checkpoint
+(:mod:`vlmopt.checkpoints`, written atomically: temp folder, then rename) holds the model
+(``model.safetensors``), the optimizer and RNG state (``trainer.pt``, read back with
+``weights_only=True``: tensors and plain containers, no other pickled object) and ``state.json``:
+the step and the run's fingerprint with its inputs (the settings other than ``checkpoint_every``,
+the model's family and a sample of its weights, the tasks, a digest of the training table, and
+what the caller adds: the pipeline adds the base model folder's digest and the code digest). Only
+a run with the same fingerprint resumes it; another, or one past the run's end, is set aside
+(``last.stale-<fingerprint>``) with a warning naming what differs, and training starts over.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import io
 import logging
-import os
-import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from vlmopt.checkpoints import load_tensors, resumable_step, save_tensors, write_checkpoint
 from vlmopt.data.images import open_image
 from vlmopt.device import to_model_device
 from vlmopt.finetune.config import FullFinetuneConfig
@@ -45,32 +53,53 @@ def _examples(loaded: LoadedModel, df: pd.DataFrame, tasks: tuple[str, ...], epo
     return out
 
 
-def _save_checkpoint(directory: Path, loaded: LoadedModel, optimizer: torch.optim.Optimizer, step: int) -> None:
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().clone() for k, v in loaded.model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
-    rng = {"rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+def _save_checkpoint(
+    directory: Path, loaded: LoadedModel, optimizer: torch.optim.Optimizer, step: int, inputs: dict[str, Any]
+) -> None:
+    def write(folder: Path) -> None:
+        state = {k: v.detach().contiguous().clone() for k, v in loaded.model.state_dict().items()}
+        save_file(state, folder / "model.safetensors")
+        rng = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        save_tensors({"optimizer": optimizer.state_dict(), **rng}, folder / "trainer.pt")
+
+    write_checkpoint(directory, step, inputs, write)
 
 
-def _load_checkpoint(directory: Path, loaded: LoadedModel, optimizer: torch.optim.Optimizer) -> int:
+def _load_checkpoint(directory: Path, loaded: LoadedModel, optimizer: torch.optim.Optimizer) -> None:
+    # The trainer file first: one that is refused leaves the model as it was.
+    trainer = load_tensors(directory / "trainer.pt")
     loaded.model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
-    trainer = torch.load(directory / "trainer.pt", weights_only=False)
     optimizer.load_state_dict(trainer["optimizer"])
     torch.set_rng_state(trainer["rng"])
     if "cuda_rng" in trainer and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(trainer["cuda_rng"])
-    return int(json.loads((directory / "state.json").read_text())["step"])
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """Digest of every parameter's name, shape and dtype and of its first and last 64 values.
+
+    Cheap on any model size (the whole weights are not read), and it tells apart two models
+    whose layout, initialisation or training differ, which change (nearly) every tensor.
+    """
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:64], flat[-64:]]).cpu().contiguous()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _table_digest(train: pd.DataFrame) -> str:
+    """Digest of the training table's content (its Parquet bytes; the tables are small)."""
+    buffer = io.BytesIO()
+    try:
+        train.to_parquet(buffer, index=False)
+    except (TypeError, ValueError, NotImplementedError, ImportError):  # pyarrow's errors derive from these
+        buffer = io.BytesIO(train.astype(str).to_csv(index=False).encode())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def training_tasks(loaded: LoadedModel, train: pd.DataFrame, requested: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -106,11 +135,20 @@ def finetune(
     *,
     checkpoint_dir: str | Path,
     progress: bool = True,
+    fingerprint_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Finetune ``loaded.model`` in place on ``train``; resume from ``checkpoint_dir/last`` if present.
+    """Finetune ``loaded.model`` in place on ``train``; resume from ``checkpoint_dir/last`` if that
+    checkpoint was written by a run with the same inputs.
 
-    Returns a summary (steps, seconds, first and last loss) for the run's log and record. A task
-    of ``config.tasks`` that is not in the task registry is an error before anything is loaded.
+    The inputs (the checkpoint's fingerprint, see the module docstring) are the settings, the
+    model, the tasks and the table, plus ``fingerprint_extra``: JSON values the caller knows
+    determine the run too (the pipeline passes the base model folder's digest and the code
+    digest). A checkpoint of other inputs, or one past this run's end, is set aside with a
+    warning and training starts from step 0.
+
+    Returns a summary (steps, the step resumed from, seconds, first and last loss) for the run's
+    log and record. A task of ``config.tasks`` that is not in the task registry is an error
+    before anything is loaded.
     """
     for task in config.tasks or ():
         get_task(task)
@@ -145,11 +183,25 @@ def finetune(
     def scheduler_lr(step: int) -> float:
         return config.lr * min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / total) + 1e-3 * config.lr
 
+    # checkpoint_every only says how often progress is saved; the weights do not depend on it.
+    settings = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
+    inputs = {
+        "job": "full finetuning",
+        "settings": settings,
+        "model": {"family": loaded.family, "weights": _weights_digest(model)},
+        "tasks": list(tasks),
+        "train_table": _table_digest(train),
+    }
+    clash = sorted(set(inputs) & set(fingerprint_extra or {}))
+    if clash:
+        raise ValueError(f"fingerprint_extra may not replace the run's own inputs {clash}")
+    inputs |= dict(fingerprint_extra or {})
     ckpt = Path(checkpoint_dir) / "last"
-    step = 0
-    if ckpt.is_dir():
-        step = _load_checkpoint(ckpt, loaded, optimizer)
+    step = resumable_step(ckpt, inputs, total) or 0
+    if step:
+        _load_checkpoint(ckpt, loaded, optimizer)
         log.info("resumed finetuning from %s at step %d of %d", ckpt, step, total)
+    resumed_from = step
     model.train()
     losses: list[float] = []
     start = time.monotonic()
@@ -184,13 +236,13 @@ def finetune(
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % config.checkpoint_every == 0 and step < total:
-            _save_checkpoint(ckpt, loaded, optimizer, step)
+            _save_checkpoint(ckpt, loaded, optimizer, step, inputs)
     bar.close()
     model.eval()
     return {
         "config": asdict(config),
         "steps": total,
-        "resumed_from_step": total - len(losses),
+        "resumed_from_step": resumed_from,
         "seconds": round(time.monotonic() - start, 2),
         "first_loss": losses[0] if losses else None,
         "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,

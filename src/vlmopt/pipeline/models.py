@@ -50,11 +50,18 @@ def finetune_model(
     checkpoint_dir: str | Path,
     seed: int = 0,
     device: str | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
     """Full finetuning of the model in ``model_dir``; resumes from ``checkpoint_dir`` after a kill.
 
-    Trains on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
+    Trains on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one). A
+    checkpoint is resumed only by a run with the same settings, training table, base model
+    (:func:`vlmopt.checkpoints.folder_fingerprint` of ``model_dir``) and ``code`` (the stage's
+    code digest, :func:`vlmopt.code_digest.stage_digest`); any other is set aside in
+    ``checkpoint_dir`` (:mod:`vlmopt.checkpoints`). ``checkpoint_dir`` is removed, set-aside
+    checkpoints included, once the finetuned model is saved.
     """
+    from vlmopt.checkpoints import folder_fingerprint
     from vlmopt.device import place
     from vlmopt.finetune.config import FullFinetuneConfig
     from vlmopt.finetune.full import finetune
@@ -65,16 +72,27 @@ def finetune_model(
     config = FullFinetuneConfig.from_dict(options)
     loaded = load_model(model_dir)
     place(loaded.model, device)
-    summary = finetune(loaded, pd.read_parquet(train_table), dataset_root, config, checkpoint_dir=checkpoint_dir)
+    base = folder_fingerprint(model_dir) if Path(model_dir).is_dir() else str(model_dir)
+    summary = finetune(
+        loaded,
+        pd.read_parquet(train_table),
+        dataset_root,
+        config,
+        checkpoint_dir=checkpoint_dir,
+        fingerprint_extra={"base_model": base, "code": code},
+    )
     loaded.save(out_dir)
     (Path(out_dir) / "finetune.json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    # A run resumed at its last step trains no step, and has no loss to show.
+    losses = [f"{x:.3f}" if x is not None else "n/a" for x in (summary["first_loss"], summary["last_loss"])]
     log.info(
-        "finetuned %s in %.0f s, loss %.3f -> %.3f",
+        "finetuned %s in %.0f s (steps %d to %d), loss %s -> %s",
         model_dir,
         summary["seconds"],
-        summary["first_loss"],
-        summary["last_loss"],
+        summary["resumed_from_step"],
+        summary["steps"],
+        *losses,
     )
     return summary
 
