@@ -12,6 +12,7 @@ from vlmopt.study import (
     FIGURES,
     canonical,
     check_study,
+    check_study_file,
     evaluations,
     expand_grids,
     figure_file,
@@ -21,6 +22,10 @@ from vlmopt.study import (
 )
 from vlmopt.tasks import TASKS, get_task
 
+# A study file given with --configfile names itself: an empty one would leave the default study
+# in place and run it.
+for _study_file in workflow.overwrite_configfiles or []:
+    check_study_file(_study_file)
 # Defaults live in the code that uses each setting; the schema only checks (and documents them).
 validate(config, "../workflow/schemas/config.schema.yaml", set_default=False)
 config["variants"] = {**config["variants"], **expand_grids(config)}

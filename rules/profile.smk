@@ -10,7 +10,7 @@ rule profile:
     conda:
         "../workflow/envs/vlmopt.yaml"
     # Every core of a local run: no other job shares the machine while this one times.
-    threads: workflow.cores
+    threads: lambda wildcards: workflow.cores
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
         code=code("profile"),
@@ -33,7 +33,7 @@ rule sweep:
     conda:
         "../workflow/envs/vlmopt.yaml"
     # Every core of a local run, as the profile.
-    threads: workflow.cores
+    threads: lambda wildcards: workflow.cores
     params:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
         code=code("sweep"),

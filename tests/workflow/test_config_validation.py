@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import yaml
 
-from .conftest import run_snakemake
+from .conftest import NO_CLUSTER_CONF, REPO, SNAKEMAKE, run_snakemake
 
 
 def _edit(workdir, change):
@@ -53,3 +56,75 @@ def test_calibration_on_an_undefined_dataset_names_the_key(workdir):
     result = run_snakemake(workdir, "--dry-run", configfile=configfile)
     assert result.returncode != 0
     assert "variants.awq-w4[0].calibration.dataset: 'coco' is not a dataset" in result.stdout + result.stderr
+
+
+def test_variants_that_cannot_run_fail_the_dry_run_naming_each(workdir):
+    """Step order, parts the family lacks and layer counts are checked before any job (point: no
+    GPU-hours of finetuning before a variant's mistake shows)."""
+    misordered = {
+        "int8-then-w4": [
+            {"method": "dynamic_int8", "part": "language"},
+            {"method": "uniform", "bits": 4, "part": "language"},
+        ],
+        "w4-then-lora": [
+            {"method": "uniform", "bits": 4, "part": "language"},
+            {"method": "lora", "r": 4, "alpha": 8, "dataset": "shapes", "targets": ["query"]},
+        ],
+    }
+    configfile = _edit(workdir, lambda c: c["variants"].update(misordered))
+    result = run_snakemake(workdir, "--dry-run", configfile=configfile)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "variants.int8-then-w4: step 1: uniform comes after the runtime step dynamic_int8" in output
+    assert "variants.w4-then-lora: step 1: a merged lora step after uniform" in output
+
+    unfit = {
+        "drop-all": [{"method": "prune_layers", "part": "language", "drop_last": 3}],
+        "bridge-w4": [{"method": "uniform", "bits": 4, "part": "bridge"}],
+    }
+    configfile = _edit(workdir, lambda c: c["variants"].update({**unfit, **{k: [] for k in misordered}}))
+    result = run_snakemake(workdir, "--dry-run", configfile=configfile)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "variants.drop-all on model 'blip-tiny' (blip): step 0: prune_layers: drop_last=3 would drop all 3" in output
+    # BLIP and CLIP have no bridge; BLIP-2's Q-Former is one.
+    assert (
+        "variants.bridge-w4 on model 'blip-tiny' (blip): step 0: uniform: no Linear module matches part='bridge'"
+        in output
+    )
+    assert "variants.bridge-w4 on model 'clip-tiny' (clip)" in output
+    assert "variants.bridge-w4 on model 'blip2-tiny'" not in output
+    assert "Job stats" not in output  # no DAG was built
+
+
+def test_a_study_file_without_a_name_is_refused(workdir):
+    empty = workdir / "empty.yaml"
+    empty.write_text("{}\n")
+    result = run_snakemake(workdir, "--dry-run", configfile=empty)
+    assert result.returncode != 0
+    assert f"study file {empty} is empty" in result.stdout + result.stderr
+
+
+def test_the_readme_recovery_commands_run_without_a_core_count(workdir):
+    """`snakemake --unlock` and `--list-changes params` as the README writes them: no --cores."""
+    for command in (["--unlock"], ["--list-changes", "params"]):
+        result = subprocess.run(
+            [
+                SNAKEMAKE,
+                "-s",
+                str(REPO / "Snakefile"),
+                "--directory",
+                str(workdir),
+                "--configfile",
+                str(workdir / "study.yaml"),
+                *command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=workdir,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "SLURM_CONF": str(NO_CLUSTER_CONF)},
+        )
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+        if command == ["--unlock"]:
+            assert "Unlocked working directory" in result.stdout + result.stderr

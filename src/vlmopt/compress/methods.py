@@ -57,6 +57,9 @@ class Method:
     calibrated: bool = False
     #: True when the handler trains on a dataset split (``inputs.training``).
     trained: bool = False
+    #: True when what later steps select depends on modules the step builds (a factorization,
+    #: narrowed attention): planning (:mod:`vlmopt.compress.plan`) checks no step after it.
+    opaque: bool = False
     # How a saved folder of the method is loaded back (vlmopt.compress.saved):
     #: ``(model, parts, manifest, folder)``: rebuilds on the loaded model what the saved tensors
     #: cannot say by themselves (a factorization, narrower attention, adapters, runtime kernels).
@@ -102,6 +105,7 @@ METHODS: dict[str, Method] = {
         simulated=False,
         runtime=False,
         structural=True,
+        opaque=True,
         restore=lambda model, parts, manifest, folder: restore_structure(model, manifest, folder),
         restore_stage=1,
         partial_weights=True,
@@ -117,6 +121,7 @@ METHODS: dict[str, Method] = {
         simulated=False,
         runtime=False,
         structural=True,
+        opaque=True,
         # Pruned attention is narrower than the config says: built dense, shrunk, then loaded.
         load=load_head_pruned,
         restore=lambda model, parts, manifest, folder: restore_pruned_heads(model, manifest, folder),

@@ -38,6 +38,8 @@ __all__ = [
     "Method",
     "apply_runtime_steps",
     "apply_variant",
+    "check_step_order",
+    "check_weights",
     "parse_step",
     "step_datasets",
     "step_tasks",
@@ -75,7 +77,7 @@ def step_tasks(step: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(config.finetune_config().tasks or ()) if method.trained else ()
 
 
-def _check_weights(model: nn.Module, refs: list[ModuleRef], method: str) -> None:
+def check_weights(model: nn.Module, refs: list[ModuleRef], method: str) -> None:
     """Reject weights that are already quantized, or shared with a module outside the selection."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -109,7 +111,7 @@ def _run_step(
 ) -> dict[str, Any]:
     if refs is None:
         refs = config.select(model, parts)
-    _check_weights(model, refs, config.method)
+    check_weights(model, refs, config.method)
     structure = None
     if not apply:
         details = {}
@@ -169,15 +171,7 @@ def apply_variant(
             parsed.append(parse_step(step))
         except ValueError as err:
             raise ValueError(f"step {index}: {err}") from None
-    seen_runtime = None
-    for method, config in parsed:
-        if method.runtime:
-            seen_runtime = config.method
-        elif seen_runtime is not None:
-            raise ValueError(
-                f"{config.method} comes after the runtime step {seen_runtime}; runtime steps must come last"
-            )
-    _check_order(parsed)
+    check_step_order(parsed)
     if training is None:
         needy = [i for i, (method, _) in enumerate(parsed) if method.trained]
         if needy:
@@ -217,8 +211,21 @@ def apply_variant(
     return build_manifest(inventory, parts, entries, runtime_steps)
 
 
-def _check_order(parsed: list[tuple[Method, SelectionSpec]]) -> None:
-    """Refuse step orders that would silently undo or hide earlier steps."""
+def check_step_order(parsed: list[tuple[Method, SelectionSpec]]) -> None:
+    """Refuse step orders that cannot run or would silently undo or hide earlier steps.
+
+    ``parsed`` is the variant's steps as :func:`parse_step` returns them. Needs no model: the
+    study check calls it before any job runs, and :func:`apply_variant` again before any step.
+    """
+    seen_runtime = None
+    for index, (method, config) in enumerate(parsed):
+        if method.runtime:
+            seen_runtime = config.method
+        elif seen_runtime is not None:
+            raise ValueError(
+                f"step {index}: {config.method} comes after the runtime step {seen_runtime}; "
+                "runtime steps must come last"
+            )
     for index, (method, config) in enumerate(parsed):
         if not method.trained:
             continue

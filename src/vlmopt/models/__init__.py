@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vlmopt.model_source import check_source
 from vlmopt.models.base import PARTS, Encoded, FamilyAdapter, LoadedModel
 from vlmopt.models.blip import BlipAdapter
 from vlmopt.models.blip2 import Blip2OptAdapter
@@ -121,9 +122,10 @@ def load_model(
         return loaded
     from transformers import AutoConfig
 
-    path = Path(source)
-    if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} exists but holds no config.json: not a saved model folder")
+    check_source(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        source = str(path)
     marker = path / "vlmopt.json"
     if marker.is_file():
         family = get_family(json.loads(marker.read_text())["family"])

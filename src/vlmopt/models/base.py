@@ -39,8 +39,19 @@ class FamilyAdapter:
     #: preprocess images once, apart from their text, and reuse the tensors.
     encodes_image_with_text: bool = False
 
+    #: The transformers model class of the family's checkpoints (what :meth:`from_pretrained` loads).
+    model_class: type[nn.Module] | None = None
+
     def tiny(self, texts: list[str], *, seed: int = 0, image_size: int = 64) -> LoadedModel:
         raise NotImplementedError
+
+    def skeleton(self, config: Any) -> nn.Module:
+        """The family's model built from a transformers ``config`` on the meta device: every module
+        and parameter shape, no weight values, no memory (for checks that need only the structure)."""
+        if self.model_class is None:
+            raise NotImplementedError(f"family {self.name!r} names no model class")
+        with torch.device("meta"):
+            return self.model_class(config)
 
     def from_pretrained(self, source: str, **kwargs: Any) -> LoadedModel:
         raise NotImplementedError

@@ -28,6 +28,7 @@ __all__ = ["BlipAdapter"]
 
 class BlipAdapter(FamilyAdapter):
     name = "blip"
+    model_class = BlipForConditionalGeneration
     tasks = ("captioning", "vqa", "real_vs_generated")
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8

@@ -32,6 +32,7 @@ NUM_QUERY_TOKENS_TINY = 8
 
 class Blip2OptAdapter(FamilyAdapter):
     name = "blip2-opt"
+    model_class = Blip2ForConditionalGeneration
     tasks = ("captioning", "vqa", "real_vs_generated")
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8

@@ -46,6 +46,7 @@ _SIMILARITY_BLOCK = 64
 
 class Blip2ItmAdapter(FamilyAdapter):
     name = "blip2-itm"
+    model_class = Blip2ForImageTextRetrieval
     tasks = ("retrieval", "classification")
     matches = True
     # Texts are encoded as given (captions; class names already set in the dataset's templates).

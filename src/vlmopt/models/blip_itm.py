@@ -31,6 +31,7 @@ __all__ = ["BlipItmAdapter"]
 
 class BlipItmAdapter(FamilyAdapter):
     name = "blip-itm"
+    model_class = BlipForImageTextRetrieval
     tasks = ("retrieval", "classification")
     matches = True
     # Texts are encoded as given (captions; class names already set in the dataset's templates).

@@ -66,6 +66,7 @@ def _tiny_tokenizer(texts: list[str]) -> Any:
 
 class ClipAdapter(FamilyAdapter):
     name = "clip"
+    model_class = CLIPModel
     tasks = ("retrieval", "classification")
     matches = False
     #: Patch side of the tiny model's vision encoder, in pixels.

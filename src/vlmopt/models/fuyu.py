@@ -64,6 +64,7 @@ BOS_TOKEN = "<s>"
 
 class FuyuAdapter(FamilyAdapter):
     name = "fuyu"
+    model_class = FuyuForCausalLM
     tasks = ("captioning", "vqa", "real_vs_generated")
     encodes_image_with_text = True
     #: Patch side of the tiny model, in pixels (fuyu-8b: 30).

@@ -24,6 +24,7 @@ __all__ = ["GitAdapter"]
 
 class GitAdapter(FamilyAdapter):
     name = "git"
+    model_class = GitForCausalLM
     tasks = ("captioning", "vqa", "real_vs_generated")
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8

@@ -43,6 +43,7 @@ def num_image_tokens(config: Any) -> int:
 
 class LlavaAdapter(FamilyAdapter):
     name = "llava"
+    model_class = LlavaForConditionalGeneration
     tasks = ("captioning", "vqa", "real_vs_generated")
     #: Patch side of the tiny model's vision encoder, in pixels.
     tiny_patch_size = 8

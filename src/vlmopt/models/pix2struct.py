@@ -46,6 +46,7 @@ __all__ = ["Pix2StructAdapter"]
 
 class Pix2StructAdapter(FamilyAdapter):
     name = "pix2struct"
+    model_class = Pix2StructForConditionalGeneration
     tasks = ("captioning", "vqa", "real_vs_generated")
     encodes_image_with_text = True
     #: Patch side of the tiny model's vision encoder, in pixels.

@@ -101,6 +101,7 @@ class QwenVLProcessor:
 
 class Qwen25VLAdapter(FamilyAdapter):
     name = "qwen2_5_vl"
+    model_class = Qwen2_5_VLForConditionalGeneration
     tasks = ("captioning", "vqa", "real_vs_generated")
     encodes_image_with_text = True
     #: Patch side of the tiny model's vision tower, in pixels.

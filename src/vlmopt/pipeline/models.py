@@ -62,6 +62,7 @@ def finetune_model(
     checkpoints included, once the finetuned model is saved.
     """
     from vlmopt.checkpoints import folder_fingerprint
+    from vlmopt.data.schema import require_rows
     from vlmopt.device import place
     from vlmopt.finetune.config import FullFinetuneConfig
     from vlmopt.finetune.full import finetune
@@ -70,6 +71,7 @@ def finetune_model(
     options = {k: v for k, v in settings.items() if k not in ("method", "dataset")}
     options.setdefault("seed", seed)
     config = FullFinetuneConfig.from_dict(options)
+    require_rows(train_table, "finetuning")
     loaded = load_model(model_dir)
     place(loaded.model, device)
     base = folder_fingerprint(model_dir) if Path(model_dir).is_dir() else str(model_dir)
@@ -113,9 +115,15 @@ def compress_model(
     them, and :func:`vlmopt.compress.saved.load_variant` re-applies them. Calibration, GPTQ, AWQ and
     LoRA training run on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
     """
+    from vlmopt.compress import step_datasets
+    from vlmopt.data.schema import require_rows
     from vlmopt.device import place
     from vlmopt.models import load_model
 
+    # Before the model is loaded: a calibration or training split without rows.
+    for index, step in enumerate(steps):
+        for dataset, split in step_datasets(step):
+            require_rows(Path(data_root) / dataset / f"{split}.parquet", f"step {index} ({step['method']})")
     loaded = load_model(model_dir)
     place(loaded.model, device)
     return compress_loaded(loaded, out_dir, steps=steps, data_root=data_root, source=model_dir)

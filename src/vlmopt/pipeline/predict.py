@@ -46,9 +46,11 @@ def predict_shard(
     """
     from vlmopt import distributed
     from vlmopt.compress.saved import load_variant
+    from vlmopt.data.schema import require_rows
     from vlmopt.device import place
     from vlmopt.infer import INFERENCE_DEFAULTS, generate_kwargs, predict
 
+    require_rows(table, "inference (inference.split)")
     shard_index, n_shards = _parse_scatteritem(shard)
     gen = generate_kwargs(settings)
     if distributed.launched():

@@ -37,6 +37,7 @@ def profile_variant(
     the rows carry ``sweep_axis`` and ``sweep_value`` and no size rows.
     """
     from vlmopt.compress.saved import load_variant, read_manifest
+    from vlmopt.data.schema import require_rows
     from vlmopt.device import place
     from vlmopt.infer import generate_kwargs
     from vlmopt.profiling.sweep import SweepPoint, apply_point, compiled_graphs, sweep_rows
@@ -46,6 +47,8 @@ def profile_variant(
 
     if not tasks:
         raise ValueError(f"nothing to profile for {model_dir}: no tasks given")
+    for task, spec in sorted(tasks.items()):
+        require_rows(spec["table"], f"profiling of {task} (inference.split)")
     sweep = SweepPoint(point["axis"], point["value"]) if point is not None else None
     loaded = load_variant(model_dir)
     where = place(loaded.model, device, model_dir=model_dir)

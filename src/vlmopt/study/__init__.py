@@ -10,7 +10,7 @@ profiling sweep's axes and points), :mod:`~.runs` (evaluations, profiling and sw
 
 from __future__ import annotations
 
-from vlmopt.study.checks import check_study, check_variant_steps
+from vlmopt.study.checks import check_study, check_study_file, check_variant_steps, check_variant_structure
 from vlmopt.study.figures import (
     FIGURES,
     PRUNING_METHODS,
@@ -38,7 +38,9 @@ __all__ = [
     "SweepPoint",
     "canonical",
     "check_study",
+    "check_study_file",
     "check_variant_steps",
+    "check_variant_structure",
     "evaluations",
     "expand_grids",
     "figure_file",

@@ -3,11 +3,13 @@ datasets that exist and models that can run them, and every variant step's setti
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from vlmopt.model_source import check_source
 from vlmopt.study.runs import PROFILING_ENABLED, StudyError, evaluations, swept
 
-__all__ = ["check_study", "check_variant_steps"]
+__all__ = ["check_study", "check_study_file", "check_variant_steps", "check_variant_structure"]
 
 
 def _names(config: dict[str, Any], section: str) -> set[str]:
@@ -35,6 +37,10 @@ def check_study(config: dict[str, Any]) -> None:
     finetunes = _names(config, "finetune") | {"none"}
     variants = _names(config, "variants")
     for slug, model in (config.get("models") or {}).items():
+        try:
+            check_source(model["source"])
+        except FileNotFoundError as err:
+            raise StudyError(f"models.{slug}.source: {err}") from None
         if model["source"].startswith("tiny:"):
             tok = model.get("tokenizer_dataset")
             if tok is None:
@@ -67,6 +73,7 @@ def check_study(config: dict[str, Any]) -> None:
     if not evaluations(config):
         raise StudyError("runs: the study evaluates nothing")
     check_variant_steps(config)
+    check_variant_structure(config)
     _check_sweep(config, models, finetunes, variants)
 
 
@@ -144,17 +151,22 @@ def _check_family_tasks(config: dict[str, Any], i: int, run: dict[str, Any]) -> 
 
 
 def check_variant_steps(config: dict[str, Any]) -> None:
-    """Validate every variant step's settings with its method's config (unknown keys, bad values)."""
+    """Validate every variant step's settings with its method's config (unknown keys, bad values),
+    and each variant's step order (:func:`vlmopt.compress.variant.check_step_order`)."""
     from vlmopt.compress import parse_step, step_datasets, step_tasks
+    from vlmopt.compress.variant import check_step_order
     from vlmopt.tasks import TASKS
 
     datasets = _names(config, "datasets")
+    misordered = []
     for slug, steps in (config.get("variants") or {}).items():
+        steps_parsed = []
         for i, step in enumerate(steps):
             try:
                 method, parsed = parse_step(step)
             except (ValueError, TypeError) as exc:
                 raise StudyError(f"variants.{slug}[{i}]: {exc}") from exc
+            steps_parsed.append((method, parsed))
             for task in step_tasks(step):
                 if task not in TASKS:
                     raise StudyError(
@@ -167,3 +179,71 @@ def check_variant_steps(config: dict[str, Any]) -> None:
                         f"variants.{slug}[{i}].{key}: {dataset!r} is not a dataset; "
                         f"a {parsed.method} step reads one of {sorted(datasets)}"
                     )
+        try:
+            check_step_order(steps_parsed)
+        except ValueError as err:
+            misordered.append(f"variants.{slug}: {err}")
+    if misordered:
+        raise StudyError(f"{len(misordered)} variant(s) order their steps wrongly:\n  " + "\n  ".join(misordered))
+
+
+def check_variant_structure(config: dict[str, Any]) -> None:
+    """Check every evaluated (model, variant) pair against the model's structure, without weights.
+
+    Each model whose structure is known on this machine (tiny models, local folders, hub models
+    whose configuration is cached: :func:`vlmopt.models.skeleton.model_skeleton`) is built on the
+    meta device once, and each variant it is evaluated with is planned on it
+    (:func:`vlmopt.compress.plan.plan_variant`): a part the family lacks, a selection that matches
+    nothing, ``prune_layers`` dropping every layer. Every problem is listed in one StudyError.
+    """
+    from vlmopt.compress.plan import plan_variant
+    from vlmopt.models.skeleton import model_skeleton
+
+    pairs = sorted({(e.model, e.variant) for e in evaluations(config)})
+    skeletons: dict[str, Any] = {}
+    problems = []
+    for model, variant in pairs:
+        steps = config["variants"][variant]
+        if not steps:
+            continue
+        if model not in skeletons:
+            spec = config["models"][model]
+            options = {k: spec[k] for k in ("image_size", "trust_remote_code") if k in spec}
+            try:
+                skeletons[model] = model_skeleton(spec["source"], **options)
+            except (OSError, ValueError) as err:
+                raise StudyError(f"models.{model}.source: {err}") from None
+        if skeletons[model] is None:
+            continue
+        family, skeleton = skeletons[model]
+        try:
+            plan_variant(skeleton, family.parts(skeleton), steps)
+        except ValueError as err:
+            problems.append(f"variants.{variant} on model {model!r} ({family.name}): {err}")
+    if problems:
+        raise StudyError(
+            f"{len(problems)} variant(s) cannot be applied to the models they are evaluated with:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def check_study_file(path: str | Path) -> None:
+    """A study file given on the command line is a mapping that names its study (``study:``).
+
+    An empty file (or ``{}``) would otherwise leave the default study in place, and a file that
+    names no study cannot be told apart from a fragment meant to be merged into another.
+    """
+    import yaml
+
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise StudyError(f"study file {path}: cannot be read ({err})") from None
+    if not content:
+        raise StudyError(f"study file {path} is empty; a study file names itself (study: <name>) and its sections")
+    if not isinstance(content, dict):
+        raise StudyError(f"study file {path} must be a mapping of sections, got {type(content).__name__}")
+    if not content.get("study"):
+        raise StudyError(
+            f"study file {path} names no study: add `study: <name>` (it has {', '.join(map(str, content))})"
+        )
