@@ -38,6 +38,9 @@ def _tables(folder: Path, *, sweep: bool = True, steps: bool = True) -> Path:
                         "task": task,
                         "dataset": "d",
                         metric: quality,
+                        "n_samples": 100,
+                        # One evaluation had 3 images that could not be read.
+                        "n_failed": 3 if (model, variant, task) == ("b", "w4", "vqa") else 0,
                         "method": method,
                         "nominal_size_bytes": size,
                         "size_bytes": 4e6 * (m + 1),
@@ -165,6 +168,12 @@ def test_report_has_every_figure_table_and_provenance(report):
     ]
     assert list(table.columns[:8]) == ["model", "ft", "variant", "method", "task", "dataset", "metric", "value"]
     assert "nominal size (MB)" in table.columns and table["nominal size (MB)"].max() == pytest.approx(8.0)
+    # Each configuration's sample counts, in the page's table and the CSV beside it.
+    assert list(table.columns[8:10]) == ["n_samples", "n_failed"]
+    shown = {(r["model"], r["variant"], r["task"]): r for r in _html_rows(page, "variants")}
+    assert shown[("b", "w4", "vqa")]["n_failed"] == "3.0" and shown[("b", "w4", "vqa")]["n_samples"] == "100.0"
+    assert shown[("a", "w4", "vqa")]["n_failed"] == "0.0" and shown[("a", "prune", "captioning")]["n_failed"] == ""
+    assert table["n_failed"].sum() == 3
     for name in ("summary", "variants", "efficiency", "scores"):
         assert (report.parent / f"{name}.parquet").is_file() and f'href="{name}.parquet"' in page
     # Budgets: 0.25, 0.5 and 1 x the most expensive baseline (b's, 8 MB). Within 4 MB the best is

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from vlmopt.plots.budget import best_under_budget
 from vlmopt.plots.dropoff import bit_width_lines, bits_figure, quality_vs_bits
 from vlmopt.plots.style import method_colour
-from vlmopt.tables import STEPS_SCHEMA, variant_method, variant_steps
+from vlmopt.report import variant_table
+from vlmopt.tables import STEPS_SCHEMA, score_rows, summarise, variant_method, variant_steps, write_parquet
 
 KEYS = {"model": "m", "ft": "none", "variant": "v"}
 
@@ -174,3 +176,37 @@ def test_confusion_matrices_show_counts_and_shares(tmp_path):
     assert confusion_matrices(pd.DataFrame(rows), tmp_path / "cm.png").stat().st_size > 5000
     with pytest.raises(ValueError, match="no real_vs_generated configuration"):
         confusion_figure(pd.DataFrame(rows[-1:]))
+
+
+def test_summary_and_configuration_table_carry_sample_counts(tmp_path):
+    """n_samples and n_failed of each evaluation reach the summary and the report's configuration table."""
+    frames = []
+    for variant in ("baseline", "w4"):
+        for task, metrics in (("captioning", {"CIDEr": 1.0, "BLEU-4": 0.5}), ("vqa", {"vqa_accuracy": 40.0})):
+            keys = {"model": "m", "ft": "none", "variant": variant, "task": task, "dataset": "d"}
+            failed = 3 if (variant, task) == ("w4", "captioning") else 0
+            frames.append(score_rows(keys, metrics, n_samples=50, n_failed=failed, settings={}).to_pandas())
+    summary = summarise(pd.concat(frames, ignore_index=True))
+    assert len(summary) == 4
+    by_key = summary.set_index(["variant", "task"])
+    assert by_key.loc[("w4", "captioning"), "n_failed"] == 3
+    assert by_key.drop(index=[("w4", "captioning")])["n_failed"].tolist() == [0, 0, 0]
+    assert (summary["n_samples"] == 50).all()
+    # Written and read back, the counts stay integers.
+    write_parquet(pa.Table.from_pandas(summary, preserve_index=False), tmp_path / "summary.parquet")
+    schema = pq.read_schema(tmp_path / "summary.parquet")
+    assert schema.field("n_failed").type == pa.int64() and schema.field("n_samples").type == pa.int64()
+    table = variant_table(pd.read_parquet(tmp_path / "summary.parquet"))
+    assert list(table.columns) == [
+        *("model", "ft", "variant", "task", "dataset", "metric", "value"),
+        *("n_samples", "n_failed"),
+    ]
+    row = table[(table["variant"] == "w4") & (table["task"] == "captioning")].iloc[0]
+    assert (row["metric"], row["value"], row["n_samples"], row["n_failed"]) == ("CIDEr", 1.0, 50, 3)
+    assert table["n_failed"].sum() == 3
+
+
+def test_summary_without_counts_in_the_scores_has_empty_count_columns():
+    scores = pd.DataFrame([{**KEYS, "task": "captioning", "dataset": "d", "metric": "CIDEr", "value": 1.0}])
+    summary = summarise(scores)
+    assert summary["n_samples"].isna().all() and summary["n_failed"].isna().all()

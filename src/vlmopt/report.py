@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import numbers
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -46,6 +47,8 @@ TABLE_COLUMNS = (
     "dataset",
     "metric",
     "value",
+    "n_samples",
+    "n_failed",
     "nominal_size_bytes",
     "size_bytes",
     "simulated",
@@ -91,7 +94,8 @@ def draw_figure(
 
 
 def variant_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per evaluated configuration: keys, method, the task's headline metric and the costs."""
+    """One row per evaluated configuration: keys, method, the task's headline metric, its sample counts
+    (``n_samples``, and ``n_failed`` whose image could not be read) and the costs."""
     rows = summary[summary["task"].isin(TASKS)].copy()
     rows["metric"] = rows["task"].map(lambda t: TASKS[t].headline)
     rows["value"] = [
@@ -122,11 +126,11 @@ def _png(path: Path) -> str:
 
 def _cell(value: Any) -> tuple[str, str, str]:
     """(text shown, sort key, class) of one table cell."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
         return "", "", ""
     if isinstance(value, bool):
         return ("yes" if value else "no"), str(int(value)), ""
-    if isinstance(value, int | float):
+    if isinstance(value, numbers.Real):  # numpy integers too (nullable integer columns yield them)
         text = f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
         return text, repr(float(value)), "num"
     return html.escape(str(value)), html.escape(str(value)), ""
@@ -277,7 +281,8 @@ Tables: <a href="configurations.csv">configurations.csv</a> (the table below),
 {"".join(sections)}
 {_missing(missing)}
 <h2>Every configuration</h2>
-<p>Click a column to sort. <code>value</code> is the task's headline <code>metric</code>; the nominal size
+<p>Click a column to sort. <code>value</code> is the task's headline <code>metric</code>, computed on
+<code>n_samples</code> samples, <code>n_failed</code> of which had an image that could not be read; the nominal size
 counts each weight at its bit width, the file size is what is saved. Simulated variants keep the dense
 model's latency (their weights are fake-quantized in float tensors).</p>
 {_html_table(table, "variants")}

@@ -27,6 +27,7 @@ __all__ = [
     "KEYS",
     "SCORES_SCHEMA",
     "STEPS_SCHEMA",
+    "SUMMARY_COUNTS",
     "SUMMARY_MEASURES",
     "config_hash",
     "efficiency_rows",
@@ -85,6 +86,9 @@ EFFICIENCY_SCHEMA = pa.schema(
     ]
     + [(c, pa.string()) for c in PROVENANCE]
 )
+#: Counts of each evaluation that the summary table carries as columns, from its score rows:
+#: the samples scored, and those among them whose image could not be read.
+SUMMARY_COUNTS = ("n_samples", "n_failed")
 #: Efficiency measures that the summary table carries as columns, beside the quality metrics.
 SUMMARY_MEASURES = (
     "latency_ms_p50",
@@ -284,12 +288,24 @@ def summarise(
 ) -> pd.DataFrame:
     """One row per (model, ft, variant, task, dataset) with metrics as columns, plus sizes from manifests.
 
-    With ``efficiency`` (long rows), the :data:`SUMMARY_MEASURES` of each (model, ft, variant, task)
-    join as columns: the cost of every evaluated configuration beside its quality (its own profile;
-    sweep points stay in the efficiency table).
+    The :data:`SUMMARY_COUNTS` of each evaluation (``n_samples``, ``n_failed``) follow its metrics
+    as integer columns (null where its score rows lack them), so a score computed on fewer
+    readable images shows as such. With ``efficiency`` (long rows), the :data:`SUMMARY_MEASURES`
+    of each (model, ft, variant, task) join as columns: the cost of every evaluated configuration
+    beside its quality (its own profile; sweep points stay in the efficiency table).
     """
     wide = scores.pivot_table(index=list(KEYS), columns="metric", values="value", aggfunc="first").reset_index()
     wide.columns.name = None
+    clash = [c for c in SUMMARY_COUNTS if c in wide.columns]
+    if clash:
+        raise ValueError(f"metric name(s) {clash} clash with the summary's count columns")
+    for column in SUMMARY_COUNTS:
+        if column in scores.columns:
+            # One value per evaluation (every metric row repeats it); the largest if rows disagree.
+            counts = scores.groupby(list(KEYS))[column].max().astype("Int64").reset_index()
+            wide = wide.merge(counts, on=list(KEYS), how="left")
+        else:
+            wide[column] = pd.array([None] * len(wide), dtype="Int64")
     sizes = pd.DataFrame(list(manifests))
     if not sizes.empty:
         wide = wide.merge(sizes, on=["model", "ft", "variant"], how="left")

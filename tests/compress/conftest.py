@@ -287,3 +287,21 @@ def logit_error(loaded, steps, calibration, held_out) -> tuple[float, dict]:
         model.load_state_dict(original)
     error = sum(float((o - r).pow(2).mean()) for o, r in zip(out, reference, strict=True)) / len(out)
     return error, manifest
+
+
+def put_on_grid(loaded, steps, *, step: float = 0.1, seed: int = 0) -> None:
+    """Set the weights ``steps`` select to a 3-bit per-channel grid whose step is not a power of two.
+
+    Every row holds integer levels -3..4 times ``step``, both ends included, so 3-bit min-max
+    rounding per channel reproduces it up to float rounding (``step`` is not exact in binary).
+    """
+    from vlmopt.compress.select import select_modules
+
+    settings = {k: v for k, v in steps[0].items() if k in ("part", "position", "role")}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for ref in select_modules(loaded.model, loaded.parts(), **settings):
+            w = ref.module.weight
+            levels = torch.randint(-3, 5, w.shape, generator=g).to(w.dtype)
+            levels[:, 0], levels[:, 1] = -3.0, 4.0
+            w.copy_(levels * step)

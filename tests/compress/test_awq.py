@@ -5,7 +5,8 @@ import functools
 import pytest
 import torch
 
-from tests.compress.conftest import logit_error
+from tests.compress.conftest import logit_error, put_on_grid
+from vlmopt.compress import apply_variant
 from vlmopt.compress.awq import awq_quantize, awq_quantize_weight, awq_search_clip, awq_search_scale
 from vlmopt.compress.quant import QuantSpec, fake_quantize, rtn_quantize_weight
 
@@ -164,3 +165,27 @@ def test_awq_beats_grouped_round_to_nearest(tiny, data):
     awq, manifest = logit_error(tiny, [{"method": "awq", **group}], *data)
     assert awq < 0.9 * rtn, (awq, rtn)
     assert all(0 <= m["alpha"] < 1 for m in manifest["steps"][0]["modules"])
+
+
+def test_awq_on_weights_already_on_its_grid_is_refused(tiny, data):
+    """On weights already on the 3-bit grid the search keeps unit scales (plain rounding, no loss),
+    which moves them by float rounding only: a step that changes nothing."""
+    model = tiny.model
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = [
+        {"method": "awq", "bits": 3, "group_size": None, "part": "language", "position": "last", "role": "attention"}
+    ]
+    try:
+        manifest = apply_variant(model, tiny.parts(), steps, calibration=data[0])
+        modules = manifest["steps"][0]["modules"]
+        numel = sum(model.get_submodule(m["name"]).weight.numel() for m in modules)
+        assert sum(m["elements_changed"] for m in modules) > 0.9 * numel
+        model.load_state_dict(original)
+        put_on_grid(tiny, steps)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="step 0: .*changed no weight element: every selected weight"):
+            apply_variant(model, tiny.parts(), steps, calibration=data[0])
+        moved = [(v - before[k]).abs().max() for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert moved and max(moved) < 1e-3 * 0.1
+    finally:
+        model.load_state_dict(original)

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.compress.conftest import logit_error
+from tests.compress.conftest import logit_error, put_on_grid
+from vlmopt.compress import apply_variant
 from vlmopt.compress.calibration import Calibration
 from vlmopt.compress.gptq import (
     GPTQCholeskyError,
@@ -384,3 +385,26 @@ def test_compress_model_calibrates_from_the_step_and_reloads(tiny, shapes_root, 
     groups = w.detach().reshape(w.shape[0], -1, 16).reshape(-1, 16)
     assert max(len(torch.unique(g)) for g in groups) <= 16
     assert not torch.equal(w, tiny.model.get_submodule(manifest["changed_modules"][0]["name"]).weight)
+
+
+def test_gptq_on_weights_already_on_its_grid_is_refused(tiny, data):
+    """Weights on the 3-bit grid come back moved by float rounding only: a step that changes nothing."""
+    model = tiny.model
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    # Attention projections: their inputs never vanish, so no column is dead (and zeroed).
+    steps = [{"method": "gptq", "bits": 3, "part": "language", "position": "last", "role": "attention"}]
+    try:
+        manifest = apply_variant(model, tiny.parts(), steps, calibration=data[0])
+        modules = manifest["steps"][0]["modules"]
+        numel = sum(model.get_submodule(m["name"]).weight.numel() for m in modules)
+        # A first application moves nearly every element by a sizeable fraction of its grid step.
+        assert sum(m["elements_changed"] for m in modules) > 0.9 * numel
+        put_on_grid(tiny, steps)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="step 0: .*changed no weight element: every selected weight"):
+            apply_variant(model, tiny.parts(), steps, calibration=data[0])
+        # Some elements did move, by float rounding only (so exact equality would call it a change).
+        moved = [(v - before[k]).abs().max() for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert moved and max(moved) < 1e-3 * 0.1
+    finally:
+        model.load_state_dict(original)

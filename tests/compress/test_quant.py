@@ -3,7 +3,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmopt.compress.quant import QuantSpec, choose_qparams, dequantize, fake_quantize, quant_range, quantize
+from vlmopt.compress.quant import (
+    CHANGE_TOLERANCE,
+    QuantSpec,
+    choose_qparams,
+    count_changed,
+    dequantize,
+    fake_quantize,
+    grid_step,
+    quant_range,
+    quantize,
+)
 
 SPECS = [
     {"granularity": "per_tensor"},
@@ -152,3 +162,39 @@ def test_keeps_dtype() -> None:
 def test_spec_validation(kw, match) -> None:
     with pytest.raises(ValueError, match=match):
         QuantSpec(**kw)
+
+
+@pytest.mark.parametrize("kw", [*SPECS, {"granularity": "group", "group_size": 24}])
+def test_grid_step_is_each_elements_block_scale(kw) -> None:
+    w = weights_with_outliers(dtype=torch.float32)
+    spec = QuantSpec(4, **kw)
+    step = grid_step(w, spec)
+    assert step.shape == w.shape and bool((step > 0).all())
+    scale, zero_point = choose_qparams(w, spec)
+    q = quantize(w, scale, zero_point, spec)
+    # Neighbouring integer levels of every element lie exactly one step apart.
+    up = dequantize(q.to(torch.float32) + 1, scale, zero_point, spec) - dequantize(q, scale, zero_point, spec)
+    torch.testing.assert_close(up, step)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_count_changed_ignores_float_rounding(bits) -> None:
+    """Rounding twice moves elements by float rounding only; rounding once moves nearly all of them."""
+    w = weights_with_outliers(dtype=torch.float32)
+    spec = QuantSpec(bits, "group", group_size=16)
+    once = fake_quantize(w, spec)
+    twice = fake_quantize(once, spec)
+    assert bool((twice != once).any())  # exact equality would call this a change
+    assert count_changed(once, twice, grid_step(once, spec)) == 0
+    assert count_changed(w, once, grid_step(w, spec)) > 0.9 * w.numel()
+
+
+def test_count_changed_threshold() -> None:
+    old = torch.zeros(4, dtype=torch.float32)
+    step = torch.tensor([1.0, 1.0, 2.0, 2.0])
+    new = torch.tensor([0.5, 0.9 * CHANGE_TOLERANCE, 1.1 * CHANGE_TOLERANCE, 3 * CHANGE_TOLERANCE])
+    # Moves of 0.5, 0.0009, 0.00055 and 0.0015 steps: the first and last count.
+    assert count_changed(old, new, step) == 2
+    assert count_changed(old.double(), new, torch.tensor(1.0)) == 3
+    with pytest.raises(ValueError, match="shapes differ"):
+        count_changed(old, new[:3], step)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlmopt.compress import NothingSelectedError, UniformConfig, apply_variant, select_modules
-from vlmopt.compress.quant import QuantSpec, fake_quantize
+from vlmopt.compress.quant import CHANGE_TOLERANCE, QuantSpec, fake_quantize, grid_step
 
 L = "language_model.model.decoder.layers"
 
@@ -101,6 +101,34 @@ def test_step_that_changes_nothing_is_an_error(toy) -> None:
     with pytest.raises(ValueError, match="step 0: uniform: .* selected 2 modules but changed no weight"):
         apply_variant(model, one_layer, [{"method": "uniform", "bits": 3, "part": "language", "role": "mlp"}])
     assert changed_params(model, before) == set()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"bits": 8},
+        {"bits": 4},
+        {"bits": 4, "granularity": "group", "group_size": 16},
+    ],
+)
+def test_same_step_twice_is_refused(toy, settings) -> None:
+    """Rounding weights already on the grid again moves some by float rounding (a tiny fraction of
+    a grid step), which is not a change: the second application changed nothing."""
+    model, parts = toy
+    step = {"method": "uniform", "part": "language", **settings}
+    records = apply_variant(model, parts, [step])["steps"][0]["modules"]
+    weights = {m["name"]: model.get_submodule(m["name"]).weight.detach() for m in records}
+    # A real rounding moves nearly every element (all but a block's extremes, which are on the grid).
+    assert sum(m["elements_changed"] for m in records) > 0.9 * sum(w.numel() for w in weights.values())
+    once = snapshot(model)
+    with pytest.raises(ValueError, match=r"step 0: uniform: .* selected 36 modules but changed no weight"):
+        apply_variant(model, parts, [step])
+    spec = UniformConfig(**{k: v for k, v in step.items() if k != "method"}).quant_spec()
+    moves = [
+        ((w - once[f"{name}.weight"]).abs() / grid_step(once[f"{name}.weight"], spec)) for name, w in weights.items()
+    ]
+    assert any(bool((m > 0).any()) for m in moves)
+    assert max(float(m.max()) for m in moves) < CHANGE_TOLERANCE
 
 
 def test_exactly_representable_module_is_recorded(toy, caplog) -> None:

@@ -47,7 +47,7 @@ from vlmopt.compress.step import StepInputs, StepResult
 
 from .awq_scales import _fold_groups, _layer_name, _LayerTrace, _ScaleGroup, _shared_input_groups, _trace_layer
 from .calibration import _CalibratedSpec, _effective_group, _run_layers
-from .quant import QuantSpec, fake_quantize, weight_quant_spec
+from .quant import QuantSpec, choose_qparams, count_changed, fake_quantize, weight_quant_spec
 from .select import ModuleRef
 
 __all__ = [
@@ -75,7 +75,10 @@ class AWQResult:
     dtype. ``scales`` (in_features,) is ``s``: the preceding op's output is divided by it and the
     weight multiplied by it. ``losses`` holds the output MSE for each ``alpha`` of the grid,
     ``loss`` the best of them (before clipping). ``clip_max`` (out_features, n_groups) is the
-    bound applied to ``|W * s|`` per group, or None without ``clip``.
+    bound applied to ``|W * s|`` per group, or None without ``clip``. ``grid_scale``
+    (out_features, n_groups) is the step of ``scaled_weight``'s grid in each group: element
+    ``(i, j)`` of ``scaled_weight`` lies on a grid of step ``grid_scale[i, group of j]``, and of
+    ``weight`` on one of that step divided by ``scales[j]``.
     """
 
     weight: torch.Tensor
@@ -85,6 +88,7 @@ class AWQResult:
     losses: tuple[float, ...]
     clip_max: torch.Tensor | None
     scaled_weight: torch.Tensor
+    grid_scale: torch.Tensor
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -109,14 +113,20 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _quantize_scaled(w: torch.Tensor, spec: QuantSpec, clip_max: torch.Tensor | None) -> torch.Tensor:
-    """Fake-quantize the scaled weight ``w``, clamping each group to ``[-clip_max, clip_max]`` first."""
+def _quantize_scaled(
+    w: torch.Tensor, spec: QuantSpec, clip_max: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantize the scaled weight ``w``, clamping each group to ``[-clip_max, clip_max]`` first.
+
+    Returns the grid values and the grid's step per (row, group).
+    """
     if clip_max is not None:
         rows, columns = w.shape
         groups = clip_max.shape[1]
         bound = clip_max.unsqueeze(-1)
         w = torch.clamp(w.reshape(rows, groups, columns // groups), -bound, bound).reshape(rows, columns)
-    return fake_quantize(w, spec)
+    scale, _ = choose_qparams(w, spec)
+    return fake_quantize(w, spec), scale.reshape(w.shape[0], -1)
 
 
 def awq_search_scale(
@@ -235,7 +245,7 @@ def awq_quantize(
         clip_max = awq_search_clip(
             w_scaled, x / s, bits=bits, group_size=group_size, n_grid=clip_grid, max_shrink=max_shrink
         )
-    quantized = _quantize_scaled(w_scaled, spec, clip_max)
+    quantized, grid_scale = _quantize_scaled(w_scaled, spec, clip_max)
     return AWQResult(
         weight=(quantized / s).to(weight.dtype),
         scales=s,
@@ -244,6 +254,7 @@ def awq_quantize(
         losses=losses,
         clip_max=clip_max,
         scaled_weight=quantized.to(weight.dtype),
+        grid_scale=grid_scale,
     )
 
 
@@ -306,6 +317,7 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
                     ref.module.weight.copy_(effective)
         if config.fold and layer is not None:
             _fold_groups(model, layer, scale_groups, trace, owners)
+        steps = _grid_steps(scale_groups)
         out = {}
         for g in scale_groups:
             counts[g.kind] += 1
@@ -313,7 +325,7 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
             counts["unit"] += bool((g.result.scales == 1).all())
             for ref in g.refs:
                 out[ref.name] = {
-                    "elements_changed": int((ref.module.weight != originals[ref.name]).sum()),
+                    "elements_changed": count_changed(originals[ref.name], ref.module.weight, steps[ref.name]),
                     "calibration_tokens": int(g.inputs.shape[0]),
                     "alpha": g.result.alpha,
                     "scale_group": [r.name for r in g.refs],
@@ -339,6 +351,26 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
         counts["unit"],
     )
     return details, None
+
+
+def _grid_steps(groups: list[_ScaleGroup]) -> dict[str, torch.Tensor]:
+    """Each Linear's grid step per weight element, in the form the weight is now stored in.
+
+    A folded group stores ``Q(W * s)``, on its grid's step; an unfolded one ``Q(W * s) / s``,
+    whose column ``j`` has that step divided by ``s_j``; a Linear that took a later group's
+    scales had its rows divided by them, and so have its steps.
+    """
+    steps: dict[str, torch.Tensor] = {}
+    for g in groups:
+        s = g.result.scales
+        rows = [ref.module.weight.shape[0] for ref in g.refs]
+        for ref, scale in zip(g.refs, g.result.grid_scale.split(rows), strict=True):
+            step = scale.repeat_interleave(ref.module.weight.shape[1] // scale.shape[1], dim=1)
+            steps[ref.name] = step if g.folded_into != "weight" else step / s
+    for g in groups:
+        if g.kind == "linear":
+            steps[g.folded_into] = steps[g.folded_into] / g.result.scales.reshape(-1, 1)
+    return steps
 
 
 def _search_group(members: list[ModuleRef], trace: _LayerTrace, config: AWQConfig) -> _ScaleGroup:

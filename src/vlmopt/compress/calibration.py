@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmopt.compress.quant import CHANGE_TOLERANCE
 from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec
 from vlmopt.data.schema import SPLITS
 
@@ -195,8 +196,11 @@ def _run_layers(
 ) -> dict[str, dict[str, Any]]:
     """``quantize_group(layer, refs)`` on each layer's selected refs in pipeline order; the merged details.
 
-    Each call returns per-module details holding ``elements_changed``; a step that changed no
-    element anywhere is an error, and each module it left unchanged gets a warning.
+    Each call returns per-module details holding ``elements_changed``, the elements that moved
+    by more than :data:`~vlmopt.compress.quant.CHANGE_TOLERANCE` of their grid step
+    (:func:`~vlmopt.compress.quant.count_changed`); a step that changed no element anywhere (e.g.
+    the same quantization applied twice, which moves weights by float rounding only) is an error,
+    and each module it left unchanged gets a warning.
     """
     details: dict[str, dict[str, Any]] = {}
     groups = layer_groups(refs, parts)
@@ -206,7 +210,14 @@ def _run_layers(
         log.info("quantized layer %d of %d (%s)", index + 1, len(groups), layer_name or group[0].name)
     unchanged = [name for name, d in details.items() if d["elements_changed"] == 0]
     if len(unchanged) == len(details):
-        raise ValueError("the step changed no weight element: every selected weight was already on its grid")
+        raise ValueError(
+            "the step changed no weight element: every selected weight was already on its grid "
+            f"(no element moved by more than {CHANGE_TOLERANCE:g} of its grid step)"
+        )
     for name in unchanged:
-        log.warning("%s: no weight element changed (already on the quantization grid)", name)
+        log.warning(
+            "%s: no weight element changed (already on the quantization grid, to within %g of a step)",
+            name,
+            CHANGE_TOLERANCE,
+        )
     return details

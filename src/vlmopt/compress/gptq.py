@@ -43,7 +43,7 @@ from torch import nn
 from vlmopt.compress.step import StepInputs, StepResult
 
 from .calibration import _CalibratedSpec, _effective_group, _run_layers, capture_layer_inputs
-from .quant import QuantSpec, choose_qparams, quant_range, weight_quant_spec
+from .quant import QuantSpec, choose_qparams, count_changed, quant_range, weight_quant_spec
 from .select import ModuleRef
 
 __all__ = [
@@ -381,7 +381,7 @@ def apply_gptq(model: nn.Module, refs: list[ModuleRef], config: GPTQConfig, inpu
                 block_size=config.block_size,
             )
             new = result.weight.to(weight.dtype)
-            changed = int((new != weight).sum())
+            changed = count_changed(weight, new, result.scale[:, result.g_idx])
             with torch.no_grad():
                 weight.copy_(new)
             out[ref.name] = {

@@ -23,6 +23,7 @@ from vlmopt.compress.variant import check_step_order, check_weights, parse_step
 
 __all__ = ["plan_variant"]
 
+
 def plan_variant(model: nn.Module, parts: Parts, steps: list[Mapping[str, Any]]) -> list[int]:
     """Check ``steps`` against ``model``'s structure; the number of modules each planned step selects.
 

@@ -16,6 +16,11 @@ do). Symmetric uses ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]`` with zero point 0, i
 block's range is reproduced to within ``scale / 2``. A block that is all zeros gets scale 1, so
 nothing divides by zero. Math runs in float32 (float64 inputs stay float64).
 
+A quantizer's "elements changed" counts elements that moved by more than
+:data:`CHANGE_TOLERANCE` of their own grid step (:func:`grid_step`, :func:`count_changed`):
+rounding a weight that is already on its grid moves it by float rounding only (about 1e-5 of a
+step in float32), which is not a change.
+
 Background: Jacob et al., "Quantization and Training of Neural Networks for Efficient
 Integer-Arithmetic-Only Inference", CVPR 2018, https://arxiv.org/abs/1712.05877.
 """
@@ -27,11 +32,14 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "CHANGE_TOLERANCE",
     "GRANULARITIES",
     "QuantSpec",
     "choose_qparams",
+    "count_changed",
     "dequantize",
     "fake_quantize",
+    "grid_step",
     "quant_range",
     "quantize",
     "rtn_quantize_weight",
@@ -39,6 +47,12 @@ __all__ = [
 ]
 
 GRANULARITIES = ("per_channel", "per_tensor", "group")
+
+#: An element of a quantized weight counts as changed only when it moved by more than this
+#: fraction of its grid step (the scale of its block). Re-rounding a weight that is already on
+#: its grid moves elements by float rounding alone, about 1e-5 of a step in float32; a real
+#: rounding moves almost every element by a sizeable fraction of a step (up to one half).
+CHANGE_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -150,6 +164,27 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``dequantize(quantize(w))`` in ``w``'s dtype: the weight a real quantized kernel would see."""
     scale, zero_point = choose_qparams(w, spec)
     return dequantize(quantize(w, scale, zero_point, spec), scale, zero_point, spec, dtype=w.dtype)
+
+
+def grid_step(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Each element's grid step: the min-max scale of its block, shaped like ``w``, in the compute dtype."""
+    blocks = _blocks(w, spec)
+    scale, _ = choose_qparams(w, spec)
+    return _unblock(scale.expand_as(blocks), w, spec)
+
+
+def count_changed(old: torch.Tensor, new: torch.Tensor, step: torch.Tensor) -> int:
+    """How many elements of ``new`` moved away from ``old`` by more than :data:`CHANGE_TOLERANCE` x ``step``.
+
+    ``step`` is each element's grid step (broadcastable to ``old``; see :func:`grid_step`). The
+    difference is taken in float32 (float64 when either side is float64), so moves smaller than
+    that are float rounding and do not count.
+    """
+    if old.shape != new.shape:
+        raise ValueError(f"shapes differ: {tuple(old.shape)} before, {tuple(new.shape)} after")
+    dtype = torch.float64 if torch.float64 in (old.dtype, new.dtype) else torch.float32
+    moved = (new.detach().to(dtype) - old.detach().to(dtype)).abs()
+    return int((moved > CHANGE_TOLERANCE * step.to(device=moved.device, dtype=dtype)).sum())
 
 
 def weight_quant_spec(

@@ -7,7 +7,9 @@ size, elements x bits). Biases are left alone. This is the "uniform" method of t
 quantization grid study, which used per-tensor asymmetric min-max; here per-channel is the
 default and per-tensor or grouped scales are settings. ``bits=16`` (which meant "leave this part
 alone" in that study) is rejected: a step that changes nothing is an error, drop the step
-instead.
+instead, and so is re-rounding weights that are already on the grid (the same float32 step twice):
+an element counts as changed only when it moves by more than
+:data:`~vlmopt.compress.quant.CHANGE_TOLERANCE` of its grid step.
 
 ``activation_bits`` (2..8, default off) also fake-quantizes each selected module's input, per
 token and on the fly (:mod:`vlmopt.compress.activations`), with the step's ``symmetric`` setting;
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from vlmopt.compress.activations import quantize_inputs
-from vlmopt.compress.quant import QuantSpec, fake_quantize
+from vlmopt.compress.quant import CHANGE_TOLERANCE, QuantSpec, count_changed, fake_quantize, grid_step
 from vlmopt.compress.select import ModuleRef, SelectionSpec
 from vlmopt.compress.step import StepInputs, StepResult
 
@@ -77,26 +79,35 @@ class UniformConfig(SelectionSpec):
 def apply_uniform(model: nn.Module, refs: list[ModuleRef], config: UniformConfig, inputs: StepInputs) -> StepResult:
     """Fake-quantize the weights of ``refs`` in place; per module, how many elements changed.
 
-    ``model`` is unused (the handlers share one signature). A module whose weights were already
-    exactly representable keeps ``elements_changed: 0`` (recorded and logged); a step in which no
-    element changed at all raises ``ValueError``.
+    ``model`` is unused (the handlers share one signature). An element counts as changed when it
+    moved by more than :data:`~vlmopt.compress.quant.CHANGE_TOLERANCE` of its grid step, so
+    re-rounding weights already on the grid (float rounding only) changes nothing. A module whose
+    weights were already on the grid keeps ``elements_changed: 0`` (recorded and logged); a step
+    in which no element changed at all raises ``ValueError``.
     """
     spec = config.quant_spec()
     details: dict[str, dict[str, Any]] = {}
     for ref in refs:
         weight = ref.module.weight
         new = fake_quantize(weight.detach(), spec)
-        changed = int((new != weight).sum())
+        changed = count_changed(weight, new, grid_step(weight.detach(), spec))
         weight.copy_(new)
         details[ref.name] = {"bits": config.bits, "elements_changed": changed}
         if config.activation_bits is not None:
             quantize_inputs(ref.module, config.activation_bits, symmetric=config.symmetric, name=ref.name)
             details[ref.name]["activation_bits"] = config.activation_bits
         if changed == 0:
-            log.warning("uniform: %s was already exactly representable at %d bits", ref.name, config.bits)
+            log.warning(
+                "uniform: %s was already exactly representable at %d bits (no element moved by more than %g "
+                "of its grid step)",
+                ref.name,
+                config.bits,
+                CHANGE_TOLERANCE,
+            )
     if refs and not any(d["elements_changed"] for d in details.values()):
         raise ValueError(
             f"uniform: {config.to_dict()} selected {len(refs)} modules but changed no weight "
-            "(all already exactly representable)"
+            f"(all already exactly representable: no element moved by more than {CHANGE_TOLERANCE:g} of its grid "
+            "step, e.g. the same quantization applied twice)"
         )
     return details, None
