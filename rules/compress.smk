@@ -14,5 +14,8 @@ rule compress:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
         code=code("compress"),
         steps=variant_steps,
+        # Progress of long steps (LoRA training, GPTQ, AWQ) outside the output, so that a killed
+        # job's rerun resumes it; removed once the variant is saved.
+        work="results/checkpoints/compress/{model}/{ft}/{variant}",
     script:
         "../workflow/scripts/compress.py"

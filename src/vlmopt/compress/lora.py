@@ -65,13 +65,16 @@ TRAINING_KEYS = {
     "weight_decay": 0.0,
     "tasks": None,
     "seed": 0,
+    # Steps between checkpoints in the job's work folder (what a killed job resumes from).
+    "checkpoint_every": 200,
 }
 
 
 @dataclass
 class TrainingData:
     """What a ``lora`` step trains on: the loaded model's processor and adapter, a split table and its
-    images, and the training function: ``fit(loaded, table, root, config, checkpoint_dir=)`` with a
+    images, and the training function: ``fit(loaded, table, root, config, checkpoint_dir=,
+    fingerprint_extra=)`` with a
     :class:`~vlmopt.finetune.config.FullFinetuneConfig`, returning the run's summary
     (:func:`vlmopt.finetune.full.finetune`; handed in, so that compression never imports the tasks
     training reads its examples through)."""
@@ -227,8 +230,19 @@ def apply_lora(model: nn.Module, refs: list[ModuleRef], config: LoRAConfig, inpu
         table = table.iloc[sorted(order[: config.n].tolist())].reset_index(drop=True)
     source = training.loaded
     handle = LoadedModel(model, source.processor, source.family, source.adapter, source.source)
-    with tempfile.TemporaryDirectory(prefix="vlmopt-lora-") as checkpoints:
-        summary = training.fit(handle, table, training.root, config.finetune_config(), checkpoint_dir=checkpoints)
+    if inputs.work is not None:
+        # The job's work folder: a killed job's rerun resumes the training from its last checkpoint.
+        summary = training.fit(
+            handle,
+            table,
+            training.root,
+            config.finetune_config(),
+            checkpoint_dir=inputs.work.folder / "lora",
+            fingerprint_extra=inputs.work.inputs,
+        )
+    else:
+        with tempfile.TemporaryDirectory(prefix="vlmopt-lora-") as checkpoints:
+            summary = training.fit(handle, table, training.root, config.finetune_config(), checkpoint_dir=checkpoints)
     model.eval()
     if config.merge:
         _remove_adapters(model, merge=True)
@@ -247,13 +261,14 @@ def apply_lora(model: nn.Module, refs: list[ModuleRef], config: LoRAConfig, inpu
         }
     if config.merge and not any(d["elements_changed"] for d in details.values()):
         raise ValueError("lora: training left every merged weight unchanged (learning rate or steps too small?)")
+    losses = [f"{x:.3f}" if x is not None else "n/a" for x in (summary["first_loss"], summary["last_loss"])]
     log.info(
-        "lora: %d modules, %d trainable parameters, %d steps, loss %.3f -> %.3f, %s",
+        "lora: %d modules, %d trainable parameters, %d steps (from step %d), loss %s -> %s, %s",
         len(refs),
         trainable,
         summary["steps"],
-        summary["first_loss"],
-        summary["last_loss"],
+        summary["resumed_from_step"],
+        *losses,
         "merged" if config.merge else "kept as adapter",
     )
     record = {k: v for k, v in summary.items() if k != "config"}

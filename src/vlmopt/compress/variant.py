@@ -30,7 +30,7 @@ from vlmopt.compress.manifest import ParamInfo, build_manifest, param_inventory
 from vlmopt.compress.methods import METHODS, RUNTIME_METHODS, Method
 from vlmopt.compress.prune_layers import final_name, refresh_parts
 from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec, check_parts
-from vlmopt.compress.step import StepInputs
+from vlmopt.compress.step import StepInputs, StepWork
 
 __all__ = [
     "METHODS",
@@ -108,6 +108,7 @@ def _run_step(
     refs: list[ModuleRef] | None = None,
     calibration: Calibration | None = None,
     training: TrainingData | None = None,
+    work: StepWork | None = None,
 ) -> dict[str, Any]:
     if refs is None:
         refs = config.select(model, parts)
@@ -117,7 +118,7 @@ def _run_step(
         details = {}
     else:
         params_before = _count_params(model) if method.structural else None
-        inputs = StepInputs(parts, calibration=calibration, training=training)
+        inputs = StepInputs(parts, calibration=calibration, training=training, work=work)
         details, summary = method.handler(model, refs, config, inputs)
         if method.structural:
             structure = {**summary, "params_before": params_before, "params_after": _count_params(model)}
@@ -149,6 +150,7 @@ def apply_variant(
     defer_runtime: bool = False,
     calibration: Calibration | Callable[[dict[str, Any]], Calibration] | None = None,
     training: Callable[[dict[str, Any]], TrainingData] | None = None,
+    work: StepWork | None = None,
 ) -> dict[str, Any]:
     """Apply ``steps`` to ``model`` in place, in order, and return the manifest dict.
 
@@ -162,6 +164,10 @@ def apply_variant(
     function from a step's calibration settings (``{dataset, split, n, batch_size, seed}``) to one.
     ``training`` serves the trained methods (LoRA): a function from ``{dataset, split}`` to the
     :class:`~vlmopt.compress.lora.TrainingData` of that split.
+
+    ``work`` is where long steps (LoRA training, GPTQ, AWQ) keep their progress so that a killed
+    job resumes: step ``i`` gets ``work.folder / f"step-{i}"`` and ``work.inputs`` plus the steps up
+    to and including its own as the fingerprint of what it keeps there.
     """
     if isinstance(steps, Mapping) or isinstance(steps, str):
         raise ValueError("steps must be a list of step mappings")
@@ -199,8 +205,15 @@ def apply_variant(
             else:
                 data = calibration(dict(config.calibration))
         train = training({"dataset": config.dataset, "split": config.split}) if method.trained and apply else None
+        step_work = None
+        if work is not None:
+            step_work = StepWork(
+                work.folder / f"step-{index}", {**work.inputs, "steps": [dict(s) for s in steps[: index + 1]]}
+            )
         try:
-            entries.append(_run_step(model, parts, method, config, apply=apply, calibration=data, training=train))
+            entries.append(
+                _run_step(model, parts, method, config, apply=apply, calibration=data, training=train, work=step_work)
+            )
         except ValueError as err:
             raise type(err)(f"step {index}: {err}") from None
         if method.structural and apply:

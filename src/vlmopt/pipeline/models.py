@@ -106,6 +106,8 @@ def compress_model(
     steps: list[dict[str, Any]],
     data_root: str | Path = "resources/data",
     device: str | None = None,
+    work_dir: str | Path | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
     """Apply a variant's compression steps and save the model with its ``manifest.json``.
 
@@ -114,19 +116,41 @@ def compress_model(
     not survive safetensors: the folder holds the weights they start from, the manifest records
     them, and :func:`vlmopt.compress.saved.load_variant` re-applies them. Calibration, GPTQ, AWQ and
     LoRA training run on ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one).
+
+    With ``work_dir``, long steps keep their progress there (:class:`~vlmopt.compress.step.StepWork`),
+    so that a killed job resumes them; what they keep is fingerprinted with the base model folder's
+    digest, the digests of the split tables the steps read, the steps and ``code`` (the stage's code
+    digest). ``work_dir`` is removed once the variant is saved.
     """
+    from vlmopt.checkpoints import folder_fingerprint
     from vlmopt.compress import step_datasets
+    from vlmopt.compress.step import StepWork
+    from vlmopt.data.download import file_digest
     from vlmopt.data.schema import require_rows
     from vlmopt.device import place
     from vlmopt.models import load_model
 
     # Before the model is loaded: a calibration or training split without rows.
+    tables = {}
     for index, step in enumerate(steps):
         for dataset, split in step_datasets(step):
-            require_rows(Path(data_root) / dataset / f"{split}.parquet", f"step {index} ({step['method']})")
+            path = Path(data_root) / dataset / f"{split}.parquet"
+            require_rows(path, f"step {index} ({step['method']})")
+            tables[f"{dataset}/{split}"] = path
+    work = None
+    if work_dir is not None:
+        inputs = {
+            "base_model": folder_fingerprint(model_dir),
+            "data": {key: file_digest(path) for key, path in sorted(tables.items())},
+            "code": code,
+        }
+        work = StepWork(Path(work_dir), inputs)
     loaded = load_model(model_dir)
     place(loaded.model, device)
-    return compress_loaded(loaded, out_dir, steps=steps, data_root=data_root, source=model_dir)
+    manifest = compress_loaded(loaded, out_dir, steps=steps, data_root=data_root, source=model_dir, work=work)
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return manifest
 
 
 def compress_loaded(
@@ -136,12 +160,14 @@ def compress_loaded(
     steps: list[dict[str, Any]],
     data_root: str | Path = "resources/data",
     source: str | Path | None = None,
+    work: Any = None,
 ) -> dict[str, Any]:
     """:func:`compress_model` on a model already in memory, which is changed in place.
 
     The steps run on the model's device; on return ``loaded`` is the model as
     :func:`~vlmopt.compress.saved.load_variant` reads it back from ``out_dir``, on the CPU (runtime
-    steps applied, kept adapters attached). ``source`` is the folder it was loaded from, hashed into the manifest.
+    steps applied, kept adapters attached). ``source`` is the folder it was loaded from, hashed into the manifest;
+    ``work`` (a :class:`~vlmopt.compress.step.StepWork`) is where long steps keep their progress.
     """
     from vlmopt.compress import TrainingData, apply_variant
     from vlmopt.compress.calibration import Calibration
@@ -163,7 +189,13 @@ def compress_loaded(
         return TrainingData(loaded, pd.read_parquet(root / f"{spec['split']}.parquet"), root, fit=finetune)
 
     manifest = apply_variant(
-        loaded.model, loaded.parts(), steps, defer_runtime=True, calibration=calibration, training=training
+        loaded.model,
+        loaded.parts(),
+        steps,
+        defer_runtime=True,
+        calibration=calibration,
+        training=training,
+        work=work,
     )
     inputs = {"model": folder_digest(source) if source is not None else None, "steps": steps}
     save_variant(loaded, out_dir, manifest, inputs_hash=config_hash(inputs))
