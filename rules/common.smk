@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import pyarrow.parquet
 import yaml
 from snakemake.utils import validate
 
@@ -18,6 +19,7 @@ from vlmopt.study import (
     figure_file,
     planned_figures,
     profiled,
+    shard_count,
     swept,
 )
 from vlmopt.tasks import TASKS, get_task
@@ -82,7 +84,10 @@ def schema_defaults(section):
 
 
 INFERENCE = canonical(schema_defaults("inference") | config.get("inference", {}))
-SHARDS = INFERENCE["shards"]
+# Rows per inference job (the number of jobs follows each split's length), else a fixed number of jobs.
+SHARD_SIZE = INFERENCE.get("shard_size")
+if SHARD_SIZE:
+    INFERENCE.pop("shards")
 
 
 # What every inference job reads; per-task generation overrides reach that task's jobs only
@@ -93,10 +98,6 @@ GENERATION = {
     for k, v in INFERENCE.items()
     if k not in ("retrieval_k", "generation", "processes")
 }
-
-
-scattergather:
-    infer=SHARDS,
 
 
 def _alternatives(names):
@@ -124,6 +125,7 @@ wildcard_constraints:
     point="[a-z0-9_-]+",
     task="|".join(TASKS),
     split="|".join(SPLITS),
+    shard=r"\d+-of-\d+",
 
 
 def dataset_settings(wildcards):
@@ -201,6 +203,31 @@ def calibration_inputs(wildcards):
             inputs[f"calibration_{i}"] = f"resources/data/{dataset}/{split}.parquet"
             inputs[f"calibration_images_{i}"] = f"resources/data/{dataset}/images"
     return inputs
+
+
+def shard_files(wildcards):
+    """The shard files of one evaluation: `inference.shards` of them, or one per `shard_size` rows.
+
+    With `shard_size`, the count is read from the prepared split table (its Parquet footer): the
+    dataset's job is a checkpoint, so Snakemake plans these jobs once the table exists.
+    """
+    n = INFERENCE.get("shards", 1)
+    if SHARD_SIZE:
+        job = (
+            checkpoints.label_dataset
+            if wildcards.dataset in LABELED
+            else checkpoints.prepare_dataset
+        )
+        tables = job.get(dataset=wildcards.dataset).output.tables
+        table = next(
+            t for t in tables if Path(t).name == f"{INFERENCE['split']}.parquet"
+        )
+        n = shard_count(pyarrow.parquet.read_metadata(table).num_rows, SHARD_SIZE)
+    return [
+        f"results/predictions/{wildcards.model}/{wildcards.ft}/{wildcards.variant}/"
+        f"{wildcards.task}/{wildcards.dataset}/shard-{i}-of-{n}.parquet"
+        for i in range(1, n + 1)
+    ]
 
 
 def split_inputs(wildcards):

@@ -1,4 +1,4 @@
-rule prepare_dataset:
+checkpoint prepare_dataset:
     output:
         tables=expand("resources/data/{{dataset}}/{split}.parquet", split=SPLITS),
         images=directory("resources/data/{dataset}/images"),
@@ -19,7 +19,7 @@ rule prepare_dataset:
 
 # Real-vs-generated label texts (and the study's exp2_*.csv files) from another dataset's images,
 # captioned by a model of the study where one is configured.
-rule label_dataset:
+checkpoint label_dataset:
     input:
         unpack(label_inputs),
     output:

@@ -3,11 +3,11 @@ rule infer:
         unpack(split_inputs),
         model="results/models/{model}/{ft}/{variant}",
     output:
-        "results/predictions/{model}/{ft}/{variant}/{task}/{dataset}/shard-{scatteritem}.parquet",
+        "results/predictions/{model}/{ft}/{variant}/{task}/{dataset}/shard-{shard}.parquet",
     log:
-        "logs/infer/{model}/{ft}/{variant}/{task}/{dataset}/{scatteritem}.log",
+        "logs/infer/{model}/{ft}/{variant}/{task}/{dataset}/{shard}.log",
     benchmark:
-        "logs/benchmark/infer/{model}/{ft}/{variant}/{task}/{dataset}/{scatteritem}.tsv"
+        "logs/benchmark/infer/{model}/{ft}/{variant}/{task}/{dataset}/{shard}.tsv"
     conda:
         "../workflow/envs/vlmopt.yaml"
     resources:
@@ -32,9 +32,7 @@ localrules:
 rule gather_predictions:
     input:
         unpack(split_inputs),
-        shards=gather.infer(
-            "results/predictions/{{model}}/{{ft}}/{{variant}}/{{task}}/{{dataset}}/shard-{scatteritem}.parquet"
-        ),
+        shards=shard_files,
     output:
         "results/predictions/{model}/{ft}/{variant}/{task}/{dataset}/predictions.parquet",
     log:

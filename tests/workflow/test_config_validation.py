@@ -128,3 +128,53 @@ def test_the_readme_recovery_commands_run_without_a_core_count(workdir):
         assert result.returncode == 0, (command, result.stderr[-2000:])
         if command == ["--unlock"]:
             assert "Unlocked working directory" in result.stdout + result.stderr
+
+
+def test_shard_size_plans_jobs_from_the_prepared_split(workdir):
+    """A VQAv2-sized split (214,354 questions) at 5,000 rows per job: 43 inference jobs per variant."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 214_354
+    folder = workdir / "resources" / "data" / "vqa"
+    (folder / "images").mkdir(parents=True)
+    ids = pa.array([f"q{i}" for i in range(rows)])
+    table = pa.table(
+        {
+            "sample_id": ids,
+            "image": pa.array([f"images/{i % 40_504}.jpg" for i in range(rows)]),
+            "question": pa.array(["what color is it?"] * rows),
+            "answers": pa.array([["red"] * 10] * rows, type=pa.list_(pa.string())),
+            "answer_type": pa.array(["other"] * rows),
+        }
+    )
+    for split in ("train", "val"):
+        pq.write_table(table.slice(0, 8), folder / f"{split}.parquet")
+    pq.write_table(table, folder / "test.parquet")
+
+    def study(c):
+        c["datasets"] = {"vqa": {"source": "synthetic", "n_train": 8, "n_val": 8, "n_test": rows}}
+        c["models"] = {"blip-tiny": {"source": "tiny:blip", "tokenizer_dataset": "vqa"}}
+        c["finetune"] = {"none": {}}
+        c["runs"] = [{"models": ["blip-tiny"], "finetune": ["none"], "variants": "all", "tasks": {"vqa": "vqa"}}]
+        c["inference"].pop("shards")
+        c["inference"]["shard_size"] = 5000
+
+    configfile = _edit(workdir, study)
+    result = run_snakemake(workdir, "--dry-run", configfile=configfile)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = dict(
+        line.split()[:2] for line in result.stdout.splitlines() if line.split()[:1] in (["infer"], ["prepare_dataset"])
+    )
+    assert "prepare_dataset" not in jobs  # the split is prepared: the jobs follow from its length
+    assert int(jobs["infer"]) == 43 * 2  # two variants
+    assert "shard-43-of-43.parquet" in result.stdout and "shard-44-of-43" not in result.stdout
+
+
+def test_shards_and_shard_size_together_are_refused(workdir):
+    configfile = _edit(workdir, lambda c: c["inference"].update(shard_size=100))
+    result = run_snakemake(workdir, "--dry-run", configfile=configfile)
+    assert result.returncode != 0
+    assert (
+        "give shards (a fixed number of jobs) or shard_size (rows per job), not both" in result.stdout + result.stderr
+    )

@@ -398,7 +398,7 @@ def test_killed_inference_keeps_its_finished_shards(tmp_path):
     assert dry.returncode == 0, dry.stderr[-3000:]
     # Only the unfinished shard is predicted again.
     assert _job_counts(dry.stdout) == {"infer": 1, "gather_predictions": 1}
-    assert f"scatteritem={other}-of-2" in dry.stdout and f"scatteritem={finished[0]}-of-2" not in dry.stdout
+    assert f"shard={other}-of-2" in dry.stdout and f"shard={finished[0]}-of-2" not in dry.stdout
     done = subprocess.run(_snakemake_cmd(tmp_path, "--cores", "1", target), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == before  # the finished shard was not redone

@@ -6,7 +6,7 @@ start_job(snakemake.log[0], snakemake.threads)
 paths = (snakemake.input.model, snakemake.input.table, Path(snakemake.input.images).parent, snakemake.output[0])
 options = {
     "task": snakemake.wildcards.task,
-    "shard": snakemake.wildcards.scatteritem,
+    "shard": snakemake.wildcards.shard,
     "settings": dict(snakemake.params.settings),
     "task_settings": dict(snakemake.params.task_settings),
 }

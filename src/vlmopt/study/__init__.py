@@ -21,7 +21,7 @@ from vlmopt.study.figures import (
     reads_classes,
 )
 from vlmopt.study.grids import expand_grids, grid_slug
-from vlmopt.study.runs import Evaluation, StudyError, canonical, evaluations, profiled, swept
+from vlmopt.study.runs import Evaluation, StudyError, canonical, evaluations, profiled, shard_count, swept
 from vlmopt.study.sweep import ATTENTION, AXES, DTYPE_NAMES, NUMERIC_AXES, SweepPoint, sweep_points
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "planned_figures",
     "profiled",
     "reads_classes",
+    "shard_count",
     "swept",
     "sweep_points",
 ]

@@ -70,6 +70,12 @@ def check_study(config: dict[str, Any]) -> None:
                 raise StudyError(f"runs[{i}].tasks.{task}: {dataset!r} is not a dataset; defined: {sorted(datasets)}")
         _check_family_tasks(config, i, run)
     _check_task_names(config)
+    inference = config.get("inference") or {}
+    if "shards" in inference and "shard_size" in inference:
+        raise StudyError(
+            "inference: give shards (a fixed number of jobs) or shard_size (rows per job), not both; "
+            f"got shards={inference['shards']} and shard_size={inference['shard_size']}"
+        )
     if not evaluations(config):
         raise StudyError("runs: the study evaluates nothing")
     check_variant_steps(config)

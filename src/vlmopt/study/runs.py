@@ -7,7 +7,16 @@ from typing import Any
 
 from vlmopt.study.sweep import sweep_points
 
-__all__ = ["PROFILING_ENABLED", "Evaluation", "StudyError", "canonical", "evaluations", "profiled", "swept"]
+__all__ = [
+    "PROFILING_ENABLED",
+    "Evaluation",
+    "StudyError",
+    "canonical",
+    "evaluations",
+    "profiled",
+    "shard_count",
+    "swept",
+]
 
 
 class StudyError(ValueError):
@@ -21,6 +30,13 @@ class Evaluation:
     variant: str
     task: str
     dataset: str
+
+
+def shard_count(rows: int, shard_size: int) -> int:
+    """Inference jobs for a split of ``rows`` rows at ``shard_size`` rows each (at least one)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    return max(1, -(-rows // shard_size))
 
 
 def canonical(value: Any) -> Any:
