@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -70,6 +72,11 @@ def _no_parts(folder):
     return not any(".part-" in p.name for p in folder.iterdir())
 
 
+def _no_chunks(folder):
+    """No folder of the ranks' finished chunks is left once the output is written."""
+    return not any(".chunks" in p.name for p in folder.iterdir())
+
+
 def test_part_files_and_launch_detection(tmp_path, monkeypatch):
     assert part_path(tmp_path / "shard-1-of-2.parquet", 1, 4).name == ".shard-1-of-2.parquet.part-2-of-4.parquet"
     assert not launched()
@@ -102,7 +109,7 @@ def test_two_processes_predict_a_shard_as_one_does(model_dirs, shapes_root, tmp_
     assert "rank 1 of 2 (cpu, gloo): shard 2-of-3 rows 8-15" in text and "this rank rows 12-15 (4 rows)" in text
     reference = _one_process(model_dirs["blip"], shapes_root, tmp_path / "one.parquet", task="vqa", shard="2-of-3")
     _assert_same(read_predictions(out), reference)
-    assert _no_parts(out.parent)
+    assert _no_parts(out.parent) and _no_chunks(out.parent)
 
 
 def test_two_processes_classify_as_one_does(model_dirs, shapes_root, tmp_path):
@@ -140,7 +147,7 @@ def test_two_processes_classify_as_one_does(model_dirs, shapes_root, tmp_path):
         task_settings=task_settings,
     )
     _assert_same(read_predictions(out), reference)
-    assert _no_parts(out.parent)
+    assert _no_parts(out.parent) and _no_chunks(out.parent)
 
 
 def test_a_failing_rank_fails_the_job(model_dirs, shapes_root, tmp_path):
@@ -178,3 +185,58 @@ def test_a_failing_rank_fails_the_job(model_dirs, shapes_root, tmp_path):
     assert "RuntimeError: injected failure on rank 1" in result.stdout + result.stderr
     assert not out.exists()
     assert not out.parent.exists() or _no_parts(out.parent)
+
+
+def test_ranks_resume_their_finished_chunks(model_dirs, shapes_root, tmp_path):
+    """Rank 1 fails after its first chunk; the rerun resumes it there and writes what one process does."""
+    wrapper = tmp_path / "resuming_ranks.py"
+    wrapper.write_text(
+        "import os\n"
+        "import sys\n\n"
+        "import vlmopt.code_digest\n"
+        "from vlmopt import cli, infer\n"
+        "from vlmopt.chunks import ChunkStore\n\n"
+        "# Edits to unrelated library files between the two runs must not change the chunks' fingerprint.\n"
+        "vlmopt.code_digest.stage_digest = lambda stage, root=None: 'fixed'\n"
+        "infer.CHUNK_ROWS = 2\n"
+        "if os.environ['RANK'] == '1' and os.environ.get('FAIL_AFTER_A_CHUNK'):\n"
+        "    original = ChunkStore.write\n\n"
+        "    def write_then_fail(self, index, columns):\n"
+        "        original(self, index, columns)\n"
+        "        raise RuntimeError('injected failure after a chunk on rank 1')\n\n"
+        "    ChunkStore.write = write_then_fail\n"
+        "sys.exit(cli.main())\n"
+    )
+    out = tmp_path / "two" / "shard-1-of-1.parquet"
+    settings = {"batch_size": 2, "max_new_tokens": 5, "num_beams": 1}
+    command = [
+        *TORCHRUN,
+        str(wrapper),
+        "infer",
+        str(model_dirs["blip"]),
+        "--table",
+        str(shapes_root / "test.parquet"),
+        "--task",
+        "captioning",
+        "--out",
+        str(out),
+        "--settings",
+        json.dumps(settings),
+    ]
+    env = {**os.environ, "FAIL_AFTER_A_CHUNK": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert result.returncode != 0 and "injected failure after a chunk on rank 1" in result.stdout + result.stderr
+    assert not out.exists()
+    kept = out.parent / f".{out.name}.chunks-2-of-2"
+    assert [p.name for p in kept.glob("chunk-*")] == ["chunk-00000.parquet"]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resuming shard at row 2: 1 chunks done" in result.stderr
+    reference = _one_process(
+        model_dirs["blip"], shapes_root, tmp_path / "one.parquet", task="captioning", shard="1-of-1"
+    )
+    (df, meta), (ref, ref_meta) = read_predictions(out), reference
+    assert meta == ref_meta
+    assert df["prediction"].tolist() == ref["prediction"].tolist()
+    assert _no_parts(out.parent) and _no_chunks(out.parent)

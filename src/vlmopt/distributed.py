@@ -14,6 +14,9 @@ on the CPU only), predicts its rows and writes them to a hidden part file beside
 a barrier, rank 0 merges the parts in dataset order, refusing duplicates and gaps
 (:func:`vlmopt.tables.merge_shards`), applies ``max_error_fraction`` to the whole shard as a
 single process would, writes the output atomically with the same metadata, and removes the parts.
+Each rank also keeps its finished chunks in a folder of its own beside the output
+(:mod:`vlmopt.chunks`), so that a killed job run again with the same number of processes resumes
+every rank at its first unfinished chunk; rank 0 removes those folders once the output is written.
 Data parallel inference changes no prediction: generation reads only a sample's own row, and the
 similarity tasks score each row against the whole split, as a single process does.
 
@@ -127,10 +130,17 @@ def predict_shard(
     max_error_fraction: float,
     task_settings: dict[str, Any] | None = None,
     device: str | None = None,
+    chunk_rows: int | None = None,
+    num_workers: int | None = None,
 ) -> None:
     """This rank's part of :func:`vlmopt.pipeline.predict_shard` (``shard``: 0-based index, count).
 
-    Every rank of the torchrun job calls it with the same arguments; rank 0 writes ``out``.
+    Every rank of the torchrun job calls it with the same arguments; rank 0 writes ``out``. Each
+    rank keeps its finished chunks (``chunk_rows`` rows each, default
+    :data:`vlmopt.infer.CHUNK_ROWS`) in its own folder beside ``out``
+    (:func:`vlmopt.chunks.chunk_folder` with part ``<rank + 1>-of-<world size>``), so that a killed
+    job resumes each rank at its first unfinished chunk; rank 0 removes every chunk folder of
+    ``out`` once ``out`` is written.
     """
     from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -146,6 +156,8 @@ def predict_shard(
         max_error_fraction=max_error_fraction,
         task_settings=task_settings,
         device=device,
+        chunk_rows=chunk_rows,
+        num_workers=num_workers,
     )
 
 
@@ -162,11 +174,14 @@ def _predict_shard(
     max_error_fraction: float,
     task_settings: dict[str, Any] | None,
     device: str | None,
+    chunk_rows: int | None = None,
+    num_workers: int | None = None,
 ) -> None:
     import torch.distributed as dist
 
+    from vlmopt.chunks import ChunkStore, chunk_folder
     from vlmopt.compress.saved import load_variant
-    from vlmopt.infer import shard_rows
+    from vlmopt.infer import CHUNK_ROWS, chunk_inputs, shard_rows
     from vlmopt.tables import write_predictions
 
     me = Rank.from_env()
@@ -206,6 +221,21 @@ def _predict_shard(
         )
         loaded = load_variant(model_dir)
         loaded.model.to(device)
+        chunk_rows = int(chunk_rows or CHUNK_ROWS)
+        inputs = chunk_inputs(
+            model_dir,
+            table,
+            dataset,
+            rows,
+            task=task,
+            prompt=loaded.adapter.prompts[task],
+            generate_kwargs=generate_kwargs,
+            task_settings=task_settings,
+            batch_size=batch_size,
+            chunk_rows=chunk_rows,
+            device=device.type,
+        )
+        chunks = ChunkStore(chunk_folder(out, f"{me.rank + 1}-of-{me.world_size}"), inputs)
         df = _predict_rows(
             loaded,
             dataset,
@@ -216,6 +246,9 @@ def _predict_shard(
             generate_kwargs=generate_kwargs,
             task_settings=task_settings,
             progress=me.rank == 0,
+            num_workers=num_workers,
+            chunk_rows=chunk_rows,
+            chunks=chunks,
         )
         write_predictions(df, part, {"rank": me.rank, "world_size": me.world_size, "rows": [rows.start, rows.stop]})
         log.info("rank %d of %d: wrote %d predictions to %s", me.rank, me.world_size, len(df), part)
@@ -249,8 +282,12 @@ def _predict_rows(
     generate_kwargs: dict[str, Any],
     task_settings: dict[str, Any] | None,
     progress: bool,
+    num_workers: int | None = None,
+    chunk_rows: int | None = None,
+    chunks: Any = None,
 ) -> pd.DataFrame:
-    """Predictions of ``dataset``'s ``rows`` (a contiguous range), as :func:`vlmopt.infer.predict` makes them.
+    """Predictions of ``dataset``'s ``rows`` (a contiguous range), as :func:`vlmopt.infer.predict` makes them
+    (finished chunks go to, and are resumed from, the store ``chunks``).
 
     Failed samples are recorded but not counted here: the whole shard's share is checked at the
     merge, as a single process checks it.
@@ -273,11 +310,15 @@ def _predict_rows(
         progress=progress,
         task_settings=task_settings,
         rows=rows,
+        num_workers=num_workers,
+        chunk_rows=chunk_rows or infer.CHUNK_ROWS,
+        chunks=chunks,
     )
 
 
 def _merge(out: Path, job_rows: pd.DataFrame, world_size: int, meta: dict[str, Any], max_error_fraction: float) -> None:
     """Rank 0: the parts in dataset order, checked, written to ``out``; then the parts are removed."""
+    from vlmopt.chunks import remove_chunk_folders
     from vlmopt.infer import _check_failures
     from vlmopt.tables import merge_shards, read_predictions, write_predictions
 
@@ -291,6 +332,7 @@ def _merge(out: Path, job_rows: pd.DataFrame, world_size: int, meta: dict[str, A
         merged = merge_shards(frames, job_rows)
         _check_failures([e if isinstance(e, str) else None for e in merged["error"]], max_error_fraction)
         write_predictions(merged, out, meta)
+        remove_chunk_folders(out)
     finally:
         # Every rank has written its part (or failed) by now; parts of earlier, killed runs go too.
         for path in _all_parts(out):

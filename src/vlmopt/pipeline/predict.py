@@ -34,6 +34,7 @@ def predict_shard(
     settings: dict[str, Any],
     task_settings: dict[str, Any] | None = None,
     device: str | None = None,
+    chunk_rows: int | None = None,
 ) -> None:
     """Predict one shard (``'i-of-n'``) of a dataset split for ``task`` and write it as Parquet.
 
@@ -43,16 +44,28 @@ def predict_shard(
     same file together (:mod:`vlmopt.distributed`), each on its own GPU. A single process runs on
     ``device`` (:func:`vlmopt.device.resolve_device`: the GPU where there is one; the CPU for a
     variant with runtime steps such as dynamic int8).
+
+    Images are read batch by batch (``settings["num_workers"]`` DataLoader workers where given, else
+    :func:`vlmopt.streaming.default_workers`). Every finished chunk of ``chunk_rows`` rows (default
+    :data:`vlmopt.infer.CHUNK_ROWS`) is written to a hidden folder beside ``out``
+    (:func:`vlmopt.chunks.chunk_folder`), so that a killed job, run again with the same model,
+    table, settings and code, starts at its first unfinished chunk ("resuming shard at row N: K
+    chunks done" in its log) and writes the file an uninterrupted run writes. Chunks written with
+    anything else are discarded (the log says what changed). The folder is removed once ``out`` is
+    written.
     """
     from vlmopt import distributed
+    from vlmopt.chunks import ChunkStore, chunk_folder, remove_chunk_folders
     from vlmopt.compress.saved import load_variant
     from vlmopt.data.schema import require_rows
-    from vlmopt.device import place
-    from vlmopt.infer import INFERENCE_DEFAULTS, generate_kwargs, predict
+    from vlmopt.device import model_device, place
+    from vlmopt.infer import CHUNK_ROWS, INFERENCE_DEFAULTS, chunk_inputs, generate_kwargs, predict, shard_rows
 
     require_rows(table, "inference (inference.split)")
     shard_index, n_shards = _parse_scatteritem(shard)
     gen = generate_kwargs(settings)
+    chunk_rows = int(chunk_rows or CHUNK_ROWS)
+    num_workers = settings.get("num_workers")
     if distributed.launched():
         # One of torchrun's processes: the ranks split the shard's rows and rank 0 writes ``out``.
         distributed.predict_shard(
@@ -67,13 +80,30 @@ def predict_shard(
             max_error_fraction=settings.get("max_error_fraction", INFERENCE_DEFAULTS["max_error_fraction"]),
             task_settings=task_settings,
             device=device,
+            chunk_rows=chunk_rows,
+            num_workers=num_workers,
         )
         return
     loaded = load_variant(model_dir)
     place(loaded.model, device, model_dir=model_dir)
+    dataset = pd.read_parquet(table)
+    rows = shard_rows(len(dataset), shard_index, n_shards)
+    inputs = chunk_inputs(
+        model_dir,
+        table,
+        dataset,
+        rows,
+        task=task,
+        prompt=loaded.adapter.prompts[task],
+        generate_kwargs=gen,
+        task_settings=task_settings,
+        batch_size=settings["batch_size"],
+        chunk_rows=chunk_rows,
+        device=model_device(loaded.model).type,
+    )
     df = predict(
         loaded,
-        pd.read_parquet(table),
+        dataset,
         dataset_root,
         task,
         batch_size=settings["batch_size"],
@@ -82,11 +112,15 @@ def predict_shard(
         n_shards=n_shards,
         max_error_fraction=settings.get("max_error_fraction", INFERENCE_DEFAULTS["max_error_fraction"]),
         task_settings=task_settings,
+        num_workers=num_workers,
+        chunk_rows=chunk_rows,
+        chunks=ChunkStore(chunk_folder(out), inputs),
     )
     meta = {"generation": gen, "task": task, "family": loaded.family, "prompt": loaded.adapter.prompts[task]}
     if task_settings:
         meta["task_settings"] = task_settings
     write_predictions(df, out, meta)
+    remove_chunk_folders(out)
 
 
 def gather_predictions(
