@@ -39,5 +39,8 @@ checkpoint label_dataset:
         # The library code the job runs (vlmopt.code_digest): an edit to it reruns the job.
         code=code("label_dataset"),
         settings=dataset_settings,
+        # Captions and reasons generated so far, outside the output, so that a killed job's rerun
+        # resumes them; removed once the labeled dataset is written.
+        work="results/checkpoints/label/{dataset}",
     script:
         "../workflow/scripts/label_dataset.py"

@@ -194,7 +194,7 @@ def test_similarity_shards_resume_too(
     assert chunk_folders(out) == chunk_folders(reference) == []
 
 
-def test_chunks_of_other_settings_are_discarded(blip_dir, shapes_root, shapes_test, tmp_path, caplog, monkeypatch):
+def test_chunks_of_other_settings_are_set_aside(blip_dir, shapes_root, shapes_test, tmp_path, caplog, monkeypatch):
     out = tmp_path / "shard-1-of-1.parquet"
     with monkeypatch.context() as patch:
         _stop_after_first_chunk(patch)
@@ -205,7 +205,7 @@ def test_chunks_of_other_settings_are_discarded(blip_dir, shapes_root, shapes_te
     changed = {**SETTINGS, "max_new_tokens": 3}
     with caplog.at_level(logging.INFO):
         _run(blip_dir, shapes_root, out, settings=changed, task="captioning")
-    assert "discarding 1 finished chunk(s)" in caplog.text
+    assert "inference: not resuming from" in caplog.text and "set its 1 chunk(s) aside" in caplog.text
     assert "generation.max_new_tokens: 4 -> 3" in caplog.text
     assert "resuming shard" not in caplog.text
     assert chunk_folders(out) == []

@@ -9,4 +9,6 @@ label_dataset(
     Path(snakemake.input.images).parent,
     Path(snakemake.output.images).parent,
     captioner_dir=snakemake.input.get("captioner"),
+    work_dir=snakemake.params.work,
+    code=snakemake.params.code,
 )

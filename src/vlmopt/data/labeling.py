@@ -20,7 +20,10 @@ AI-generated" / "This image is natural"), followed by ", it is an image of {capt
 caption was generated and ", and it looks AI-generated|natural because {reason}" when a reason
 was; :func:`vlmopt.metrics.real_vs_generated.extract_label` reads the statement back (tested on
 every combination). Generating captions and reasons needs a model and lives in
-:func:`vlmopt.pipeline.label_dataset`; this module only writes what it is given.
+:func:`vlmopt.pipeline.label_dataset`, which keeps what the model has generated so far in a
+work folder of chunks (:class:`vlmopt.chunks.ChunkStore`, one group of chunks per split, columns
+:data:`CHUNK_COLUMNS`) so that a killed labeling job resumes where it stopped; this module only
+writes what it is given.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from vlmopt.data.schema import SPLITS, write_table
 
 __all__ = [
     "CAPTIONER_DEFAULTS",
+    "CHUNK_COLUMNS",
+    "CHUNK_SIZE",
     "CSV_NAMES",
     "LABELED_SOURCE",
     "LABELED_TASKS",
@@ -75,6 +80,12 @@ REASON_QUESTIONS = {
 CSV_NAMES = {"train": "exp2_train_data9.csv", "test": "exp2_test_data9.csv"}
 LABELED_TASKS = ("real_vs_generated", "classification")
 _NAMES = {0: "real", 1: "generated"}
+#: Images labeled per chunk of a split (rounded up to whole batches): what a labeling job keeps in
+#: its work folder at a time, and at most what a killed job labels again.
+CHUNK_SIZE = 512
+#: The text columns of a work folder's chunk files (``sample_id`` first; the reason columns only
+#: when reasons are asked for).
+CHUNK_COLUMNS = ("sample_id", "caption", "caption_error", "reason", "reason_error")
 
 
 def label_text(label: int, caption: str | None = None, reason: str | None = None) -> str:

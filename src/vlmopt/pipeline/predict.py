@@ -51,8 +51,8 @@ def predict_shard(
     (:func:`vlmopt.chunks.chunk_folder`), so that a killed job, run again with the same model,
     table, settings and code, starts at its first unfinished chunk ("resuming shard at row N: K
     chunks done" in its log) and writes the file an uninterrupted run writes. Chunks written with
-    anything else are discarded (the log says what changed). The folder is removed once ``out`` is
-    written.
+    anything else are set aside, never resumed (the log says what changed). The folder is removed
+    once ``out`` is written.
     """
     from vlmopt import distributed
     from vlmopt.chunks import ChunkStore, chunk_folder, remove_chunk_folders
