@@ -300,6 +300,10 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
     input (or into the rows of the selected Linear that ran just before, for a later group) and
     the Linears store ``Q(W * s)``; each fold is kept only if the layer's outputs on the
     calibration inputs match those of the unfolded form, which stores ``Q(W * s) / s``.
+
+    With a work folder (``inputs.work``) each finished layer (its weights and folded norms and
+    Linears) is checkpointed there and a rerun continues after the last one
+    (:mod:`vlmopt.compress.layer_progress`).
     """
     parts, calibration = inputs.parts, inputs.need_calibration("awq")
     owners: dict[int, int] = {}
@@ -339,7 +343,8 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
                 out[g.folded_into].setdefault("holds_scales_of", []).extend(r.name for r in g.refs)
         return out
 
-    details = _run_layers(model, parts, refs, calibration, quantize_group)
+    # The counts are kept with the layer checkpoints (inputs.work), so a resumed run logs them all.
+    details = _run_layers(model, parts, refs, calibration, quantize_group, method="awq", work=inputs.work, state=counts)
     log.info(
         "awq: %d scale groups: %d folded into norms, %d into linear layers, %d kept in the weights "
         "(%d with the fold rejected by the output check, %d with unit scales)",

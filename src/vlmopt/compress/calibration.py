@@ -18,7 +18,9 @@ already-quantized layers before it, as GPTQ prescribes (Frantar et al. 2022,
 https://arxiv.org/abs/2210.17323, section 4). ``_run_layers`` is that walk for the whole
 selection: the vision layers, then the bridge, then the language model; GPTQ
 (:func:`vlmopt.compress.gptq.apply_gptq`) and AWQ (:func:`vlmopt.compress.awq.apply_awq`) pass it
-what to do with one layer.
+what to do with one layer. Given the step's work folder, the walk checkpoints each finished layer
+there and a rerun of a killed job continues after the last one
+(:mod:`vlmopt.compress.layer_progress`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmopt.compress.layer_progress import LayerProgress
 from vlmopt.compress.quant import CHANGE_TOLERANCE
 from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec
+from vlmopt.compress.step import StepWork
 from vlmopt.data.schema import SPLITS
 
 __all__ = ["CALIBRATION_KEYS", "Calibration", "calibration_settings", "capture_layer_inputs", "layer_groups"]
@@ -193,6 +197,10 @@ def _run_layers(
     refs: list[ModuleRef],
     calibration: Calibration,
     quantize_group: Any,
+    *,
+    method: str,
+    work: StepWork | None = None,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``quantize_group(layer, refs)`` on each layer's selected refs in pipeline order; the merged details.
 
@@ -201,13 +209,26 @@ def _run_layers(
     (:func:`~vlmopt.compress.quant.count_changed`); a step that changed no element anywhere (e.g.
     the same quantization applied twice, which moves weights by float rounding only) is an error,
     and each module it left unchanged gets a warning.
+
+    With ``work`` (the step's work folder), the walk is checkpointed after each layer
+    (:class:`~vlmopt.compress.layer_progress.LayerProgress`) and a rerun continues after the last
+    finished layer. A layer changes its selected Linears' weights and the parameters listed in
+    their ``folded_params`` details (AWQ's folds); those are what the checkpoint keeps.
+    ``state`` (JSON values) is the method's own running record, kept and restored with the details.
     """
     details: dict[str, dict[str, Any]] = {}
+    state = {} if state is None else state
     groups = layer_groups(refs, parts)
-    for index, (layer_name, group) in enumerate(groups):
+    labels = [layer_name or group[0].name for layer_name, group in groups]
+    progress = LayerProgress(work, method, labels, model) if work is not None else None
+    start = progress.resume(model, details, state) if progress is not None else 0
+    for index, (layer_name, group) in enumerate(groups[start:], start=start):
         layer = model.get_submodule(layer_name) if layer_name is not None else None
-        details.update(quantize_group(layer, group))
-        log.info("quantized layer %d of %d (%s)", index + 1, len(groups), layer_name or group[0].name)
+        layer_details = quantize_group(layer, group)
+        details.update(layer_details)
+        log.info("quantized layer %d of %d (%s)", index + 1, len(groups), labels[index])
+        if progress is not None:
+            progress.save(index + 1, _changed_params(model, group, layer_details), details, state)
     unchanged = [name for name, d in details.items() if d["elements_changed"] == 0]
     if len(unchanged) == len(details):
         raise ValueError(
@@ -221,3 +242,12 @@ def _run_layers(
             CHANGE_TOLERANCE,
         )
     return details
+
+
+def _changed_params(model: nn.Module, group: list[ModuleRef], details: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The parameters a layer's quantization changed, by full name: the refs' weights and any folds."""
+    params = {f"{ref.name}.weight": ref.module.weight for ref in group}
+    for name in details:
+        for full in details[name].get("folded_params", ()):
+            params.setdefault(full, model.get_parameter(full))
+    return params

@@ -360,7 +360,11 @@ class GPTQConfig(_CalibratedSpec):
 
 
 def apply_gptq(model: nn.Module, refs: list[ModuleRef], config: GPTQConfig, inputs: StepInputs) -> StepResult:
-    """GPTQ every selected Linear, layer by layer, each layer calibrated after the ones before it."""
+    """GPTQ every selected Linear, layer by layer, each layer calibrated after the ones before it.
+
+    With a work folder (``inputs.work``) each finished layer is checkpointed there and a rerun
+    continues after the last one (:mod:`vlmopt.compress.layer_progress`).
+    """
     parts, calibration = inputs.parts, inputs.need_calibration("gptq")
 
     def quantize_group(layer: nn.Module | None, group: list[ModuleRef]) -> dict[str, dict[str, Any]]:
@@ -398,4 +402,4 @@ def apply_gptq(model: nn.Module, refs: list[ModuleRef], config: GPTQConfig, inpu
                 )
         return out
 
-    return _run_layers(model, parts, refs, calibration, quantize_group), None
+    return _run_layers(model, parts, refs, calibration, quantize_group, method="gptq", work=inputs.work), None
