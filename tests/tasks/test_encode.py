@@ -42,3 +42,26 @@ def test_same_seed_same_samples(blip2_opt, shapes_train, shapes_root, blip2_cali
         torch.equal(a["pixel_values"], b["pixel_values"])
         for a, b in zip(other.batches, blip2_calibration.batches, strict=True)
     )
+
+
+def test_only_the_drawn_rows_images_are_read_and_an_unreadable_one_is_named(
+    blip2_opt, shapes_train, shapes_root, monkeypatch, tmp_path
+):
+    import vlmopt.streaming
+
+    opened = []
+    real_open = vlmopt.streaming.open_image
+
+    def counting(root, rel):
+        opened.append(rel)
+        return real_open(root, rel)
+
+    monkeypatch.setattr(vlmopt.streaming, "open_image", counting)
+    _, description = calibration_batches(blip2_opt, shapes_train, shapes_root, n_samples=6, batch_size=4, seed=3)
+    drawn = torch.randperm(len(shapes_train), generator=torch.Generator().manual_seed(3))[:6].tolist()
+    assert description["n_samples"] == 6 and len(shapes_train) > 6
+    assert opened == shapes_train["image"].iloc[sorted(drawn)].tolist()
+
+    broken = shapes_train.head(4).assign(image=["images/train/missing.png"] * 4)
+    with pytest.raises(OSError, match="a calibration image cannot be read: .*missing.png"):
+        calibration_batches(blip2_opt, broken, shapes_root, n_samples=4, batch_size=4)

@@ -11,6 +11,14 @@ the model's family and a sample of its weights, the tasks, a digest of the train
 what the caller adds: the pipeline adds the base model folder's digest and the code digest). Only
 a run with the same fingerprint resumes it; another, or one past the run's end, is set aside
 (``last.stale-<fingerprint>``) with a warning naming what differs, and training starts over.
+
+Images are read as training needs them, never the whole split at once: each step's batch opens
+its examples' images (an image that several examples of the batch share, one per task, once)
+and preprocesses them together, through a :class:`torch.utils.data.DataLoader` whose worker
+processes, on a GPU, prepare the next batches while the model trains on this one. Memory thus
+depends on the batch size and the model, not on the size of the training split. An image
+processor treats each image on its own, so a batch's pixel tensors are the ones preprocessing
+the whole split would give, and training is bit-identical to preprocessing everything first.
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ from tqdm.auto import tqdm
 
 from vlmopt.checkpoints import load_tensors, resumable_step, save_tensors, write_checkpoint
 from vlmopt.data.images import open_image
-from vlmopt.device import to_model_device
+from vlmopt.device import model_device, to_model_device
 from vlmopt.finetune.config import FullFinetuneConfig
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import pixel_values
+from vlmopt.streaming import default_workers
 from vlmopt.tasks import get_task, served_tasks
 
 __all__ = ["FullFinetuneConfig", "finetune"]
@@ -43,7 +52,8 @@ log = logging.getLogger(__name__)
 
 
 def _examples(loaded: LoadedModel, df: pd.DataFrame, tasks: tuple[str, ...], epoch: int) -> list[tuple[int, str, str]]:
-    """(row index, prompt, target) for every task and row, for one epoch."""
+    """(row index, prompt, target) for every task and row, for one epoch: example ``i`` is of row
+    ``i % len(df)`` and task ``tasks[i // len(df)]``."""
     out = []
     for name in tasks:
         task = get_task(name)
@@ -51,6 +61,87 @@ def _examples(loaded: LoadedModel, df: pd.DataFrame, tasks: tuple[str, ...], epo
             raise ValueError(f"family {loaded.family!r} cannot be finetuned on task {name!r}")
         out += list(zip(range(len(df)), task.prompts(df, loaded.adapter), task.targets(df, epoch), strict=True))
     return out
+
+
+class _Schedule:
+    """The example indices of each training step: an epoch's examples in an order drawn from the
+    seed and the epoch number alone (the same in every process that asks)."""
+
+    def __init__(self, seed: int, n_examples: int, batch_size: int, steps_per_epoch: int) -> None:
+        self.seed, self.n_examples, self.batch_size, self.steps_per_epoch = (
+            seed,
+            n_examples,
+            batch_size,
+            steps_per_epoch,
+        )
+        self._epoch: int | None = None
+        self._order: torch.Tensor | None = None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.n_examples, generator=generator)
+        return self._order
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return self.order(epoch)[within * self.batch_size : (within + 1) * self.batch_size].tolist()
+
+
+class _BatchImages(torch.utils.data.Dataset):
+    """The images of one training step, read when asked for: ``self[step]`` is
+    ``(step, rows, images)``, ``rows`` the table rows of the step's examples without repeats (in
+    the order they first appear) and ``images`` those rows' images, preprocessed into one pixel
+    tensor when ``processor`` is given, else decoded (for families that encode each image with
+    its text)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        paths: pd.Series,
+        schedule: _Schedule,
+        steps: int,
+        processor: Any | None,
+        dtype: torch.dtype,
+    ) -> None:
+        self.root, self.schedule, self.steps, self.processor, self.dtype = root, schedule, steps, processor, dtype
+        # The image paths only (a string column, Arrow-backed where pandas has pyarrow), not the table.
+        self.paths = paths.astype(str).reset_index(drop=True)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def rows(self, step: int) -> list[int]:
+        return list(dict.fromkeys(i % len(self.paths) for i in self.schedule(step)))
+
+    def __getitem__(self, step: int) -> tuple[int, list[int], Any]:
+        rows = self.rows(step)
+        images = [open_image(self.root, self.paths.iloc[r]) for r in rows]
+        if self.processor is None:
+            return step, rows, images
+        return step, rows, pixel_values(self.processor, images, self.dtype)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _batch_loader(
+    dataset: _BatchImages, start: int, total: int, workers: int, pin: bool
+) -> torch.utils.data.DataLoader:
+    """Steps ``start`` to ``total - 1`` of ``dataset``, in order, ``workers`` processes preparing
+    the next ones. The loader draws its worker seed from a generator of its own, not torch's
+    global one, so that loading leaves the training's random stream (dropout) as it was."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=range(start, total),
+        num_workers=workers,
+        collate_fn=_as_is,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(0),
+        prefetch_factor=2 if workers else None,
+    )
 
 
 def _save_checkpoint(
@@ -136,6 +227,7 @@ def finetune(
     checkpoint_dir: str | Path,
     progress: bool = True,
     fingerprint_extra: Mapping[str, Any] | None = None,
+    num_workers: int | None = None,
 ) -> dict[str, Any]:
     """Finetune ``loaded.model`` in place on ``train``; resume from ``checkpoint_dir/last`` if that
     checkpoint was written by a run with the same inputs.
@@ -146,6 +238,11 @@ def finetune(
     digest). A checkpoint of other inputs, or one past this run's end, is set aside with a
     warning and training starts from step 0.
 
+    Each step reads and preprocesses its own batch's images; ``num_workers`` processes prepare
+    the next batches meanwhile (None: :func:`vlmopt.streaming.default_workers`, i.e.
+    ``$VLMOPT_LOADER_WORKERS`` or none on the CPU and up to 4 on a GPU, where batches also come in
+    pinned memory). The weights do not depend on it.
+
     Returns a summary (steps, the step resumed from, seconds, first and last loss) for the run's
     log and record. A task of ``config.tasks`` that is not in the task registry is an error
     before anything is loaded.
@@ -154,16 +251,6 @@ def finetune(
         get_task(task)
     torch.manual_seed(config.seed)
     model = loaded.model
-    if loaded.adapter.encodes_image_with_text:
-        # The image and its text are encoded together, at every step.
-        pixel_cache = None
-    else:
-        images = [open_image(dataset_root, rel) for rel in train["image"]]
-        # Preprocess every image once; the same tensor serves all epochs.
-        pixel_cache = torch.cat(
-            [pixel_values(loaded.processor, images[s : s + 256], model.dtype) for s in range(0, len(images), 256)]
-        )
-        del images
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
@@ -206,23 +293,30 @@ def finetune(
     losses: list[float] = []
     start = time.monotonic()
     bar = tqdm(total=total, initial=step, desc="finetune", disable=not progress, unit="step")
-    epoch_cache: dict[int, tuple[list, torch.Tensor]] = {}
-    while step < total:
-        epoch, within = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-            epoch_cache[epoch] = (_examples(loaded, train, tasks, epoch), order)
-        examples, order = epoch_cache[epoch]
-        idx = order[within * config.batch_size : (within + 1) * config.batch_size].tolist()
-        batch = [examples[i] for i in idx]
+    schedule = _Schedule(config.seed, n_examples, config.batch_size, steps_per_epoch)
+    # Families that encode the image with its text get decoded images, the others pixel tensors.
+    processor = None if loaded.adapter.encodes_image_with_text else loaded.processor
+    device = model_device(model)
+    workers = default_workers(device) if num_workers is None else num_workers
+    dataset = _BatchImages(dataset_root, train["image"], schedule, total, processor, model.dtype)
+    loader = _batch_loader(dataset, step, total, workers, pin=device.type == "cuda")
+    epoch_examples: tuple[int, list] | None = None
+    for loaded_step, rows, images in loader:
+        epoch = step // steps_per_epoch
+        if epoch_examples is None or epoch_examples[0] != epoch:
+            epoch_examples = (epoch, _examples(loaded, train, tasks, epoch))
+        batch = [epoch_examples[1][i] for i in schedule(step)]
+        position = {r: k for k, r in enumerate(rows)}
+        if loaded_step != step or set(position) != {r for r, _, _ in batch}:
+            raise RuntimeError(f"finetuning: the batch loaded for step {loaded_step} is not step {step}'s")
+        which = [position[r] for r, _, _ in batch]
         prompts, targets = [p for _, p, _ in batch], [t for _, _, t in batch]
-        if pixel_cache is None:
-            images = [open_image(dataset_root, train["image"].iloc[r]) for r, _, _ in batch]
-            encoded = loaded.adapter.encode(loaded, images, prompts, targets)
+        if processor is None:
+            encoded = loaded.adapter.encode(loaded, [images[k] for k in which], prompts, targets)
         else:
             encoded = loaded.adapter.encode(loaded, None, prompts, targets)
-            encoded.inputs["pixel_values"] = pixel_cache[[r for r, _, _ in batch]]
+            # Moved before the examples pick their rows: one copy per image, overlapping on a GPU.
+            encoded.inputs["pixel_values"] = images.to(device, non_blocking=True)[which]
         encoded.inputs = to_model_device(encoded.inputs, model)
         for group in optimizer.param_groups:
             group["lr"] = scheduler_lr(step)

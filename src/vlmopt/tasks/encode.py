@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from vlmopt.data.images import open_image
+from vlmopt.streaming import image_batches
 from vlmopt.tasks import get_task, served_tasks
 
 __all__ = ["calibration_batches"]
@@ -62,10 +62,13 @@ def calibration_batches(
     order = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     rows = table.iloc[sorted(order)].reset_index(drop=True)
     batches = []
-    for start in range(0, n, batch_size):
-        chunk = rows.iloc[start : start + batch_size]
-        images = [open_image(dataset_root, rel) for rel in chunk["image"]]
-        task = tasks[(start // batch_size) % len(tasks)]
+    # Only the n drawn rows' images are read, a batch at a time (an image shared by rows once).
+    for k, read in enumerate(image_batches(rows, dataset_root, batch_size)):
+        unreadable = [error for error in read.errors if error is not None]
+        if unreadable:
+            raise OSError(f"a calibration image cannot be read: {unreadable[0]}")
+        chunk, images = rows.iloc[read.rows], read.images
+        task = tasks[k % len(tasks)]
         spec = get_task(task)
         encoded = loaded.adapter.encode(loaded, images, spec.prompts(chunk, loaded.adapter), spec.targets(chunk, 0))
         batch = {k: v for k, v in encoded.inputs.items() if k != "labels"}
