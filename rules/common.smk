@@ -2,12 +2,12 @@
 import re
 from pathlib import Path
 
-import pyarrow.parquet
 import yaml
 from snakemake.utils import validate
 
 from vlmopt.code_digest import stage_digest
 from vlmopt.data import SPLITS
+from vlmopt.data.schema import require_rows
 from vlmopt.data.labeling import CAPTIONER_DEFAULTS, LABELED_SOURCE
 from vlmopt.study import (
     FIGURES,
@@ -209,7 +209,8 @@ def shard_files(wildcards):
     """The shard files of one evaluation: `inference.shards` of them, or one per `shard_size` rows.
 
     With `shard_size`, the count is read from the prepared split table (its Parquet footer): the
-    dataset's job is a checkpoint, so Snakemake plans these jobs once the table exists.
+    dataset's job is a checkpoint, so Snakemake plans these jobs once the table exists, and an
+    empty split is an error then, naming the evaluation, the split and the splits with rows.
     """
     n = INFERENCE.get("shards", 1)
     if SHARD_SIZE:
@@ -222,7 +223,14 @@ def shard_files(wildcards):
         table = next(
             t for t in tables if Path(t).name == f"{INFERENCE['split']}.parquet"
         )
-        n = shard_count(pyarrow.parquet.read_metadata(table).num_rows, SHARD_SIZE)
+        # An empty split stops planning here, before any model is loaded for it.
+        evaluation = "/".join(
+            wildcards[k] for k in ("model", "ft", "variant", "task", "dataset")
+        )
+        n = shard_count(
+            require_rows(table, f"inference (inference.split) of {evaluation}"),
+            SHARD_SIZE,
+        )
     return [
         f"results/predictions/{wildcards.model}/{wildcards.ft}/{wildcards.variant}/"
         f"{wildcards.task}/{wildcards.dataset}/shard-{i}-of-{n}.parquet"

@@ -130,12 +130,13 @@ def test_the_readme_recovery_commands_run_without_a_core_count(workdir):
             assert "Unlocked working directory" in result.stdout + result.stderr
 
 
-def test_shard_size_plans_jobs_from_the_prepared_split(workdir):
-    """A VQAv2-sized split (214,354 questions) at 5,000 rows per job: 43 inference jobs per variant."""
+def _prepared_vqa_study(workdir, test_rows: int):
+    """A study of tiny BLIP on a prepared VQA-shaped dataset of ``test_rows`` test questions (no
+    images needed to plan), at 5,000 rows per inference job; the study file's path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = 214_354
+    rows = max(test_rows, 8)
     folder = workdir / "resources" / "data" / "vqa"
     (folder / "images").mkdir(parents=True)
     ids = pa.array([f"q{i}" for i in range(rows)])
@@ -150,17 +151,22 @@ def test_shard_size_plans_jobs_from_the_prepared_split(workdir):
     )
     for split in ("train", "val"):
         pq.write_table(table.slice(0, 8), folder / f"{split}.parquet")
-    pq.write_table(table, folder / "test.parquet")
+    pq.write_table(table.slice(0, test_rows), folder / "test.parquet")
 
     def study(c):
-        c["datasets"] = {"vqa": {"source": "synthetic", "n_train": 8, "n_val": 8, "n_test": rows}}
+        c["datasets"] = {"vqa": {"source": "synthetic", "n_train": 8, "n_val": 8, "n_test": max(test_rows, 1)}}
         c["models"] = {"blip-tiny": {"source": "tiny:blip", "tokenizer_dataset": "vqa"}}
         c["finetune"] = {"none": {}}
         c["runs"] = [{"models": ["blip-tiny"], "finetune": ["none"], "variants": "all", "tasks": {"vqa": "vqa"}}]
         c["inference"].pop("shards")
         c["inference"]["shard_size"] = 5000
 
-    configfile = _edit(workdir, study)
+    return _edit(workdir, study)
+
+
+def test_shard_size_plans_jobs_from_the_prepared_split(workdir):
+    """A VQAv2-sized split (214,354 questions) at 5,000 rows per job: 43 inference jobs per variant."""
+    configfile = _prepared_vqa_study(workdir, 214_354)
     result = run_snakemake(workdir, "--dry-run", configfile=configfile)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = dict(
@@ -169,6 +175,16 @@ def test_shard_size_plans_jobs_from_the_prepared_split(workdir):
     assert "prepare_dataset" not in jobs  # the split is prepared: the jobs follow from its length
     assert int(jobs["infer"]) == 43 * 2  # two variants
     assert "shard-43-of-43.parquet" in result.stdout and "shard-44-of-43" not in result.stdout
+
+
+def test_an_empty_prepared_split_stops_planning_naming_the_evaluation_and_the_splits_with_rows(workdir):
+    configfile = _prepared_vqa_study(workdir, 0)
+    result = run_snakemake(workdir, "--dry-run", configfile=configfile)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "dataset 'vqa' has no rows in split 'test', which inference (inference.split) of blip-tiny/none/" in output
+    assert "its splits with rows: train (8 rows), val (8 rows)" in output
+    assert "rule infer" not in output
 
 
 def test_shards_and_shard_size_together_are_refused(workdir):
