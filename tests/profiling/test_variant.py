@@ -193,3 +193,31 @@ def test_blip2_with_trainable_parameters_is_profiled_and_left_trainable(shapes_t
     v = _values(measure(blip2, shapes_test, shapes_root, "captioning", settings=fast, generation={"max_new_tokens": 3}))
     assert v["gflops_per_token_per_sample"] > 0 and v["gflops_prefill_per_sample"] > 0
     assert all(p.requires_grad for p in blip2.model.parameters())
+
+
+def test_the_batch_skips_unreadable_images_and_reads_no_further_than_it_needs(
+    blip, shapes_test, shapes_root, tmp_path, monkeypatch, caplog
+):
+    import vlmopt.streaming
+    from vlmopt.profiling.variant import _batch
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "test").symlink_to(shapes_root / "images" / "test", target_is_directory=True)
+    table = shapes_test.copy()
+    table.loc[[1, 2], "image"] = "images/test/missing.png"  # the second and third rows' images are gone
+    opened = []
+    real_open = vlmopt.streaming.open_image
+
+    def counting(root, rel):
+        opened.append(rel)
+        return real_open(root, rel)
+
+    monkeypatch.setattr(vlmopt.streaming, "open_image", counting)
+    rows, images = _batch(blip, table, root, "captioning", 4)
+    assert rows["sample_id"].tolist() == table["sample_id"].iloc[[0, 3, 4, 5]].tolist()
+    assert [im.tobytes() for im in images] == [
+        open_image(shapes_root, rel).tobytes() for rel in table["image"].iloc[[0, 3, 4, 5]]
+    ]
+    assert len(opened) == 7  # two batches of 4 (the missing path once per batch), not the split's 24
+    assert caplog.text.count("profiling skips") == 2

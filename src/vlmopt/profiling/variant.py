@@ -42,7 +42,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from vlmopt.data.images import open_image
 from vlmopt.device import model_device, to_model_device
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import text_ids
@@ -51,6 +50,7 @@ from vlmopt.profiling.flops import count_flops
 from vlmopt.profiling.latency import VisionTimer, measure_latency
 from vlmopt.profiling.memory import PeakMemory
 from vlmopt.profiling.sweep import lengthen_prompts, resize_longest
+from vlmopt.streaming import image_batches
 from vlmopt.tasks import get_task
 
 __all__ = ["DEFAULTS", "HEADLINE", "not_measured", "profile_variant", "size_rows"]
@@ -93,13 +93,14 @@ def _batch(loaded: LoadedModel, table: pd.DataFrame, dataset_root: str | Path, t
     if missing:
         raise ValueError(f"the profiling table has no column(s) {missing} needed by task {task!r}")
     rows, images = [], []
-    for i, rel in enumerate(table["image"]):
-        try:
-            images.append(open_image(dataset_root, rel))
-        except OSError as exc:
-            log.warning("profiling skips %s: %s", table["sample_id"].iloc[i], exc)
-            continue
-        rows.append(i)
+    # Read a batch at a time, only as far as the first batch_size readable images.
+    for read in image_batches(table, dataset_root, batch_size):
+        for i, image, error in zip(read.rows, read.images, read.errors, strict=True):
+            if error is not None:
+                log.warning("profiling skips %s: %s", table["sample_id"].iloc[i], error)
+            elif len(rows) < batch_size:
+                rows.append(i)
+                images.append(image)
         if len(rows) == batch_size:
             break
     if len(rows) < batch_size:
