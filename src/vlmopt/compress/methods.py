@@ -36,6 +36,16 @@ __all__ = ["METHODS", "RUNTIME_METHODS", "Handler", "Method"]
 Handler = Callable[[nn.Module, list[ModuleRef], Any, StepInputs], StepResult]
 
 
+def _always(step: Mapping[str, Any]) -> bool:
+    """``plain_loadable`` of a method whose result is ordinary weights of the config's architecture."""
+    return True
+
+
+def _never(step: Mapping[str, Any]) -> bool:
+    """``plain_loadable`` of a method whose result plain ``from_pretrained`` never rebuilds."""
+    return False
+
+
 @dataclass(frozen=True)
 class Method:
     """A compression method: its settings, what it does, and how its result is held."""
@@ -76,6 +86,12 @@ class Method:
     partial_weights: bool = False
     #: ``(model, folder)``: writes what ``save_pretrained`` cannot store and removes it from the model.
     save: Callable[[nn.Module, Path], Any] | None = None
+    #: ``(step)``: whether plain transformers ``from_pretrained`` on a saved folder rebuilds what this
+    #: manifest step left (ordinary weights of the config's architecture). Where it does not (a
+    #: factorization, narrower attention, input quantizers, runtime kernels, kept adapters), the saved
+    #: folder is marked so that plain ``from_pretrained`` fails and names the loader instead of
+    #: silently building the dense model (:func:`vlmopt.compress.saved.plain_load_blockers`).
+    plain_loadable: Callable[[Mapping[str, Any]], bool] = _always
 
 
 METHODS: dict[str, Method] = {
@@ -88,6 +104,8 @@ METHODS: dict[str, Method] = {
         # Last, so that the input quantizers sit on the modules that finally run (int8 ones included).
         restore=lambda model, parts, manifest, folder: restore_activation_quant(model, manifest),
         restore_stage=4,
+        # Weight-only quantization leaves float weights; input quantizers are hooks, not weights.
+        plain_loadable=lambda step: step["settings"].get("activation_bits") is None,
     ),
     "dynamic_int8": Method(
         DynamicInt8Config,
@@ -96,6 +114,8 @@ METHODS: dict[str, Method] = {
         simulated=False,
         runtime=True,
         backend=lambda: {"torchao": torchao_version()},
+        # The folder holds the float weights the int8 kernels start from.
+        plain_loadable=_never,
     ),
     # Not quantization: weights keep their dtype (the handlers record each module's dtype width).
     "svd": Method(
@@ -109,6 +129,7 @@ METHODS: dict[str, Method] = {
         restore=lambda model, parts, manifest, folder: restore_structure(model, manifest, folder),
         restore_stage=1,
         partial_weights=True,
+        plain_loadable=_never,
     ),
     # The saved config already has the kept layers: from_pretrained builds the pruned model.
     "prune_layers": Method(
@@ -127,6 +148,7 @@ METHODS: dict[str, Method] = {
         restore=lambda model, parts, manifest, folder: restore_pruned_heads(model, manifest, folder),
         restore_stage=0,
         partial_weights=True,
+        plain_loadable=_never,
     ),
     "gptq": Method(GPTQConfig, apply_gptq, bits=lambda c: c.bits, simulated=True, runtime=False, calibrated=True),
     "awq": Method(AWQConfig, apply_awq, bits=lambda c: c.bits, simulated=True, runtime=False, calibrated=True),
@@ -154,6 +176,8 @@ METHODS: dict[str, Method] = {
         save=lambda model, folder: save_adapters(model, folder),
         restore=lambda model, parts, manifest, folder: restore_adapters(model, manifest, folder),
         restore_stage=2,
+        # Merged adapters are ordinary weights; kept ones are in files transformers does not read.
+        plain_loadable=lambda step: step["settings"].get("merge", True),
     ),
 }
 

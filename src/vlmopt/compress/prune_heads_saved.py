@@ -87,13 +87,16 @@ def _read_saved(folder: Path, keys: set[str]) -> tuple[dict[str, torch.Tensor], 
     return tensors, shapes
 
 
-def load_head_pruned(folder: str | os.PathLike[str], *, dtype: str | None = None) -> Any:
+def load_head_pruned(
+    folder: str | os.PathLike[str], *, dtype: str | None = None, config_overrides: Mapping[str, Any] | None = None
+) -> Any:
     """Read a compressed folder whose attention heads were pruned, ready for :func:`restore_pruned_heads`.
 
     Like :func:`vlmopt.models.load_model` on a folder, except that the saved projections smaller
     than the config's full-size attention are let through (``ignore_mismatched_sizes``) as freshly
     initialized placeholders; :func:`restore_pruned_heads` then replaces them and checks that every
-    saved tensor matches the model, so no other mismatch goes unnoticed.
+    saved tensor matches the model, so no other mismatch goes unnoticed. ``config_overrides`` as
+    for :func:`~vlmopt.models.load_model`.
     """
     from transformers import AutoConfig
 
@@ -107,7 +110,7 @@ def load_head_pruned(folder: str | os.PathLike[str], *, dtype: str | None = None
         family = get_family(json.loads(marker.read_text())["family"])
     else:
         family = get_family(family_of_config(AutoConfig.from_pretrained(source)))
-    kwargs: dict[str, Any] = {"ignore_mismatched_sizes": True}
+    kwargs: dict[str, Any] = {**(config_overrides or {}), "ignore_mismatched_sizes": True}
     if dtype is not None:
         kwargs["dtype"] = DTYPES[dtype]
     loaded = family.from_pretrained(source, **kwargs)

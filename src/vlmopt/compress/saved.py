@@ -14,7 +14,25 @@ the hooks of its :class:`~vlmopt.compress.variant.Method` entry:
 - ``restore``: rebuilds the method's structure on the loaded model, in the order of
   ``restore_stage`` (structure, then adapters, then wrappers around the modules that finally
   run); runtime methods (dynamic int8) are re-applied from the manifest's ``runtime_steps``
-  between adapters and wrappers.
+  between adapters and wrappers;
+- ``plain_loadable``: whether plain transformers ``from_pretrained`` rebuilds what a step left.
+
+A folder that plain transformers would load wrongly (factorized layers, pruned heads, input
+quantizers, dynamic int8, kept adapters) must not load there at all: transformers would build the
+dense architecture, initialize the weights it lacks at random and only warn. So its
+``config.json`` carries :data:`PLAIN_LOAD_KEY`, the config field through which transformers reads
+a checkpoint's weights from an explicitly named file. Before it builds anything,
+``from_pretrained`` (of a model class and of the ``Auto`` classes alike: ``modeling_utils``'s
+``_get_resolved_checkpoint_files``) rejects a name that is not a safetensors file and quotes it,
+so the value is the message the user reads::
+
+    ValueError: The transformers file in the config seems to be incorrect: it is neither a
+    safetensors file (*.safetensors) nor a safetensors index file (*.safetensors.index.json):
+    this folder is a vlmopt compressed variant (svd) that plain from_pretrained cannot rebuild;
+    load it with vlmopt.compress.saved.load_variant(folder)
+
+:func:`load_variant` has the loaders override the key (``from_pretrained``'s config overrides), so
+it reads the folder as saved.
 """
 
 from __future__ import annotations
@@ -25,7 +43,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["folder_digest", "load_variant", "read_manifest", "save_variant"]
+__all__ = ["PLAIN_LOAD_KEY", "folder_digest", "load_variant", "plain_load_blockers", "read_manifest", "save_variant"]
+
+#: The ``config.json`` field that makes plain transformers ``from_pretrained`` refuse a folder it
+#: would load wrongly: transformers reads the weights from the file it names and rejects, quoting
+#: it, a name that is not a safetensors file (so the value below is what the user reads).
+PLAIN_LOAD_KEY = "transformers_weights"
+_MARKER_START = "this folder is a vlmopt compressed variant"
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -64,6 +88,57 @@ def _run_hooks(hooks: list[Callable[..., Any]], *args: Any) -> None:
             done.append(hook)
 
 
+def plain_load_blockers(manifest: Mapping[str, Any] | None) -> list[str]:
+    """The methods of the manifest's steps that plain ``from_pretrained`` cannot rebuild, each once, in step order.
+
+    Empty when the saved folder holds ordinary weights of its config's architecture (weight-only
+    quantization, pruned layers, a precision change, merged adapters), which plain transformers
+    loads as :func:`load_variant` does.
+    """
+    from vlmopt.compress.methods import METHODS
+
+    _methods(manifest)  # unknown methods are an error here too
+    names = [
+        step["method"] for step in (manifest or {}).get("steps", []) if not METHODS[step["method"]].plain_loadable(step)
+    ]
+    return list(dict.fromkeys(names))
+
+
+def _plain_load_marker(blockers: list[str]) -> str:
+    """The :data:`PLAIN_LOAD_KEY` value of a folder whose ``blockers`` plain transformers cannot rebuild."""
+    return (
+        f"{_MARKER_START} ({', '.join(blockers)}) that plain from_pretrained cannot rebuild; "
+        "load it with vlmopt.compress.saved.load_variant(folder)"
+    )
+
+
+def _is_marker(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(_MARKER_START)
+
+
+def _mark_config(folder: Path, blockers: list[str]) -> None:
+    """Add the :data:`PLAIN_LOAD_KEY` marker to ``folder/config.json``, written as transformers writes it."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config[PLAIN_LOAD_KEY] = _plain_load_marker(blockers)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _plain_load_overrides(folder: Path, manifest: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Config values the loaders must override: none for a folder plain transformers may read, and
+    the :data:`PLAIN_LOAD_KEY` marker cleared for a marked one (the folder itself stays as saved)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if not _is_marker(config.get(PLAIN_LOAD_KEY)):
+        return {}
+    if manifest is None:
+        raise ValueError(
+            f"{folder}: config.json marks a vlmopt compressed variant, but the folder holds no manifest.json, "
+            "which says how to rebuild it"
+        )
+    return {PLAIN_LOAD_KEY: None}
+
+
 #: Where the runtime steps are re-applied among the restore hooks' stages.
 RUNTIME_STAGE = 3
 
@@ -97,7 +172,9 @@ def save_variant(loaded: Any, out_dir: str | Path, manifest: dict[str, Any], *, 
     The model is moved to the CPU, where runtime steps (dynamic int8) run. Methods with a ``save``
     hook write their own files first (kept LoRA adapters), the model is saved, and then the
     ``restore`` hooks of those methods and of the runtime methods run, so that on return ``loaded``
-    is the model as :func:`load_variant` reads it back.
+    is the model as :func:`load_variant` reads it back. When a step's method is not
+    ``plain_loadable``, ``config.json`` gets the :data:`PLAIN_LOAD_KEY` marker, so that plain
+    transformers refuses the folder and names :func:`load_variant`.
     """
     from vlmopt.compress.manifest import serialized_size, write_manifest
 
@@ -106,6 +183,9 @@ def save_variant(loaded: Any, out_dir: str | Path, manifest: dict[str, Any], *, 
     methods = _methods(manifest)
     _run_hooks([m.save for m in methods if m.save is not None], loaded.model, out_dir)
     loaded.save(out_dir)
+    blockers = plain_load_blockers(manifest)
+    if blockers:
+        _mark_config(out_dir, blockers)
     restore_methods(loaded, manifest, out_dir, only=lambda m: m.save is not None or m.runtime)
     return write_manifest(
         out_dir / "manifest.json",
@@ -119,9 +199,10 @@ def load_variant(model_dir: str | Path, *, dtype: str | None = None) -> Any:
     """Load a compressed model folder as it was evaluated, from its manifest.
 
     ``from_pretrained`` builds the original dense architecture (in the dtype a method's
-    ``load_dtype`` asks for, unless ``dtype`` is given), or a method's ``load`` hook builds it;
-    then the methods' ``restore`` hooks run in stage order (see the module docstring). A folder
-    without a manifest is loaded as a plain model.
+    ``load_dtype`` asks for, unless ``dtype`` is given), or a method's ``load`` hook builds it,
+    with the :data:`PLAIN_LOAD_KEY` marker of the folder's config overridden; then the methods'
+    ``restore`` hooks run in stage order (see the module docstring). A folder without a manifest
+    is loaded as a plain model.
     """
     from transformers.utils import logging as hf_logging
 
@@ -140,8 +221,12 @@ def load_variant(model_dir: str | Path, *, dtype: str | None = None) -> Any:
     if any(m.partial_weights for m in methods):
         # The dense weights of factorized or pruned layers are missing by design; the restore hooks load them.
         hf_logging.set_verbosity_error()
+    overrides = _plain_load_overrides(Path(model_dir).expanduser(), manifest)
     try:
-        loaded = loaders[0](model_dir, dtype=dtype) if loaders else load_model(model_dir, dtype=dtype)
+        if loaders:
+            loaded = loaders[0](model_dir, dtype=dtype, config_overrides=overrides)
+        else:
+            loaded = load_model(model_dir, dtype=dtype, config_overrides=overrides)
     finally:
         hf_logging.set_verbosity(level)
     if manifest is not None:

@@ -8,6 +8,7 @@ reads anything saved with :meth:`LoadedModel.save`; all three return the same ha
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +106,14 @@ def load_model(
     seed: int = 0,
     image_size: int = 64,
     trust_remote_code: bool = False,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model from ``tiny:<family>``, a local folder, or a hub id.
 
     ``texts`` trains the tiny model's tokenizer (the dataset's captions and questions); ``dtype``
-    is one of float32, float16, bfloat16 (default: the checkpoint's own).
+    is one of float32, float16, bfloat16 (default: the checkpoint's own). ``config_overrides``
+    replace values of a saved model's config as ``from_pretrained`` reads it (the folder is not
+    changed).
     """
     source = str(source)
     if dtype is not None and dtype not in DTYPES:
@@ -131,7 +135,7 @@ def load_model(
         family = get_family(json.loads(marker.read_text())["family"])
     else:
         family = get_family(family_of_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)))
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {**(config_overrides or {}), "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = DTYPES[dtype]
     loaded = family.from_pretrained(source, **kwargs)
