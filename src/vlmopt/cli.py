@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     _device_option(p)
 
     p = sub.add_parser(
+        "export",
+        help="the packed low-bit model of a variant folder (compressed-tensors), for transformers or vLLM",
+    )
+    p.add_argument("variant", type=Path, help="a compressed model folder (results/models/...)")
+    p.add_argument("--out", type=Path, required=True, help="a new folder")
+
+    p = sub.add_parser(
         "infer", help="predict one shard of a dataset split (under torchrun, its processes split the shard)"
     )
     p.add_argument("model", type=Path)
@@ -209,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif args.stage == "compress":
         pipeline.compress_model(args.model, args.out, steps=args.steps, data_root=args.data_root, device=args.device)
+    elif args.stage == "export":
+        from vlmopt.compress.saved import NotExportable, export_variant
+
+        try:
+            print(export_variant(args.variant, args.out))
+        except NotExportable as err:
+            sys.exit(f"vlmopt export: {err}")
     elif args.stage == "infer":
         from vlmopt.infer import INFERENCE_DEFAULTS
 

@@ -51,7 +51,9 @@ TABLE_COLUMNS = (
     "n_failed",
     "nominal_size_bytes",
     "size_bytes",
+    "stored_bytes",
     "simulated",
+    "storage",
     "latency_ms_per_sample_p50",
     "energy_j_per_sample",
     "gflops_per_sample",
@@ -62,6 +64,7 @@ TABLE_COLUMNS = (
 TABLE_HEADERS = {
     "nominal_size_bytes": "nominal size (MB)",
     "size_bytes": "file size (MB)",
+    "stored_bytes": "stored weights (MB)",
     "latency_ms_per_sample_p50": "latency (ms/sample)",
     "energy_j_per_sample": "energy (J/sample)",
     "gflops_per_sample": "GFLOP/sample",
@@ -103,7 +106,7 @@ def variant_table(summary: pd.DataFrame) -> pd.DataFrame:
     ]
     columns = [c for c in TABLE_COLUMNS if c in rows.columns]
     table = rows[columns].sort_values(["task", "dataset", "model", "ft", "variant"]).reset_index(drop=True)
-    for column in ("nominal_size_bytes", "size_bytes"):
+    for column in ("nominal_size_bytes", "size_bytes", "stored_bytes"):
         if column in table:
             table[column] = table[column] / 1e6
     return table.rename(columns=TABLE_HEADERS)

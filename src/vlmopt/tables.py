@@ -347,4 +347,7 @@ def size_columns(manifest: dict[str, Any]) -> dict[str, Any]:
         "nominal_bits": manifest.get("nominal_bits_per_parameter"),
         "representation": manifest.get("representation"),
         "simulated": manifest.get("simulated"),
+        # How the folder stores the weights (pack-quantized or float) and its safetensors bytes.
+        "storage": (manifest.get("storage") or {}).get("format"),
+        "stored_bytes": (manifest.get("storage") or {}).get("weight_bytes"),
     }

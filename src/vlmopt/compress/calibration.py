@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmopt.compress.layer_progress import LayerProgress
+from vlmopt.compress.layer_progress import LayerProgress, layer_grids
 from vlmopt.compress.quant import CHANGE_TOLERANCE
 from vlmopt.compress.select import ModuleRef, Parts, SelectionSpec
 from vlmopt.compress.step import StepWork
@@ -228,7 +228,8 @@ def _run_layers(
         details.update(layer_details)
         log.info("quantized layer %d of %d (%s)", index + 1, len(groups), labels[index])
         if progress is not None:
-            progress.save(index + 1, _changed_params(model, group, layer_details), details, state)
+            grids = layer_grids(group)
+            progress.save(index + 1, _changed_params(model, group, layer_details), details, state, grids)
     unchanged = [name for name, d in details.items() if d["elements_changed"] == 0]
     if len(unchanged) == len(details):
         raise ValueError(

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmopt.compress.packed import GridRecord, record_grid
 from vlmopt.compress.step import StepInputs, StepResult
 
 from .calibration import _CalibratedSpec, _effective_group, _run_layers, capture_layer_inputs
@@ -388,6 +389,19 @@ def apply_gptq(model: nn.Module, refs: list[ModuleRef], config: GPTQConfig, inpu
             changed = count_changed(weight, new, result.scale[:, result.g_idx])
             with torch.no_grad():
                 weight.copy_(new)
+            group_size = _effective_group(ref, config.group_size)
+            record_grid(
+                ref.module,
+                GridRecord(
+                    bits=config.bits,
+                    symmetric=config.symmetric,
+                    strategy="channel" if group_size is None else "group",
+                    group_size=group_size,
+                    scale=result.scale,
+                    zero_point=result.zero_point,
+                    g_idx=result.g_idx if group_size is not None and config.act_order else None,
+                ),
+            )
             out[ref.name] = {
                 "elements_changed": changed,
                 "calibration_tokens": hessians[ref.name].n,

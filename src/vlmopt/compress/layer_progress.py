@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmopt.checkpoints import read_state, resumable_step, set_aside, write_checkpoint
+from vlmopt.compress.packed import GridRecord, grid_of, record_grid
 from vlmopt.compress.step import StepWork
 
 __all__ = ["LayerProgress"]
@@ -108,8 +109,12 @@ class LayerProgress:
             return 0
         with torch.no_grad():
             for path in files:
-                for name, tensor in load_file(path).items():
-                    model.get_parameter(name).copy_(tensor)
+                tensors = load_file(path)
+                for name, tensor in tensors.items():
+                    if not name.startswith(_GRID):
+                        model.get_parameter(name).copy_(tensor)
+                for module, record in _grids(tensors).items():
+                    record_grid(model.get_submodule(module), record)
         details.update(progress["details"])
         state.update(progress["state"])
         log.info(
@@ -128,9 +133,12 @@ class LayerProgress:
         params: dict[str, torch.Tensor],
         details: dict[str, dict[str, Any]],
         state: dict[str, Any],
+        grids: dict[str, GridRecord] | None = None,
     ) -> None:
-        """Record that the first ``done`` layers are finished; ``params`` are those the last one changed."""
+        """Record that the first ``done`` layers are finished; ``params`` are those the last one changed,
+        ``grids`` the integer grids its quantizer recorded (:mod:`vlmopt.compress.packed`)."""
         tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
+        tensors.update(_grid_tensors(grids or {}))
         progress = {"layers": self.labels[:done], "details": details, "state": state}
 
         def write(folder: Path) -> None:
@@ -144,6 +152,46 @@ class LayerProgress:
             (folder / PROGRESS).write_text(json.dumps(progress))
 
         write_checkpoint(self.directory, done, self.inputs, write)
+
+
+#: Key prefix of the grid tensors in a layer file: ``grid/<module>/<field>``, the scheme in
+#: ``grid/<module>/scheme`` as int64 ``[bits, symmetric, strategy index, group size or 0]``.
+_GRID = "grid/"
+_STRATEGIES = ("group", "channel", "tensor")
+
+
+def _grid_tensors(grids: dict[str, GridRecord]) -> dict[str, torch.Tensor]:
+    out = {}
+    for module, r in grids.items():
+        scheme = [r.bits, int(r.symmetric), _STRATEGIES.index(r.strategy), r.group_size or 0]
+        out[f"{_GRID}{module}/scheme"] = torch.tensor(scheme, dtype=torch.int64)
+        out[f"{_GRID}{module}/scale"] = r.scale.detach().to("cpu", copy=True).contiguous()
+        out[f"{_GRID}{module}/zero_point"] = r.zero_point.detach().to("cpu", copy=True).contiguous()
+        if r.g_idx is not None:
+            out[f"{_GRID}{module}/g_idx"] = r.g_idx.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def _grids(tensors: dict[str, torch.Tensor]) -> dict[str, GridRecord]:
+    modules = {key[len(_GRID) :].rpartition("/")[0] for key in tensors if key.startswith(_GRID)}
+    out = {}
+    for module in modules:
+        bits, symmetric, strategy, group_size = tensors[f"{_GRID}{module}/scheme"].tolist()
+        out[module] = GridRecord(
+            bits=bits,
+            symmetric=bool(symmetric),
+            strategy=_STRATEGIES[strategy],
+            group_size=group_size or None,
+            scale=tensors[f"{_GRID}{module}/scale"],
+            zero_point=tensors[f"{_GRID}{module}/zero_point"],
+            g_idx=tensors.get(f"{_GRID}{module}/g_idx"),
+        )
+    return out
+
+
+def layer_grids(group: list[Any]) -> dict[str, GridRecord]:
+    """The grids the quantizer recorded on a layer's modules (refs with ``name`` and ``module``)."""
+    return {ref.name: grid_of(ref.module) for ref in group if grid_of(ref.module) is not None}
 
 
 def _weights_digest(model: nn.Module) -> str:
@@ -166,6 +214,8 @@ def _check_file(params: dict[str, nn.Parameter], path: Path) -> None:
     except SafetensorError as err:
         raise ValueError(f"{path.name} is not a readable safetensors file ({err})") from None
     for name, shape in shapes.items():
+        if name.startswith(_GRID):
+            continue
         p = params.get(name)
         if p is None:
             raise ValueError(f"{path.name} holds {name}, which the model has no parameter of")

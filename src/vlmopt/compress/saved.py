@@ -39,11 +39,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PLAIN_LOAD_KEY", "folder_digest", "load_variant", "plain_load_blockers", "read_manifest", "save_variant"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PLAIN_LOAD_KEY",
+    "NotExportable",
+    "export_variant",
+    "folder_digest",
+    "load_variant",
+    "plain_load_blockers",
+    "read_manifest",
+    "save_variant",
+]
 
 #: The ``config.json`` field that makes plain transformers ``from_pretrained`` refuse a folder it
 #: would load wrongly: transformers reads the weights from the file it names and rejects, quoting
@@ -116,12 +128,22 @@ def _is_marker(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(_MARKER_START)
 
 
-def _mark_config(folder: Path, blockers: list[str]) -> None:
-    """Add the :data:`PLAIN_LOAD_KEY` marker to ``folder/config.json``, written as transformers writes it."""
+def _edit_config(folder: Path, values: Mapping[str, Any]) -> None:
+    """Set ``values`` in ``folder/config.json``, written as transformers writes it."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
-    config[PLAIN_LOAD_KEY] = _plain_load_marker(blockers)
+    config.update(values)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _mark_config(folder: Path, blockers: list[str]) -> None:
+    """Add the :data:`PLAIN_LOAD_KEY` marker to ``folder/config.json``."""
+    _edit_config(folder, {PLAIN_LOAD_KEY: _plain_load_marker(blockers)})
+
+
+def _weight_bytes(folder: Path) -> int:
+    """Bytes of the folder's safetensors files (the model's weights as stored)."""
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def _plain_load_overrides(folder: Path, manifest: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -166,8 +188,10 @@ def restore_methods(loaded: Any, manifest: Mapping[str, Any], folder: str | Path
 
 def save_variant(loaded: Any, out_dir: str | Path, manifest: dict[str, Any], *, inputs_hash: str) -> Path:
     """Save a model that :func:`~vlmopt.compress.variant.apply_variant` changed (``defer_runtime=True``)
-    to ``out_dir`` with its ``manifest.json`` (plus the serialized size and ``inputs_hash``); returns
-    the manifest's path.
+    to ``out_dir`` with its ``manifest.json`` (plus the serialized size, ``inputs_hash`` and
+    ``storage``: how the weights are stored, :meth:`vlmopt.compress.packed.PackPlan.summary`, and
+    the bytes of the safetensors files); returns the manifest's path. Quantized Linears whose
+    weights lie on their recorded grid are written packed (:mod:`vlmopt.compress.packed`).
 
     The model is moved to the CPU, where runtime steps (dynamic int8) run. Methods with a ``save``
     hook write their own files first (kept LoRA adapters), the model is saved, and then the
@@ -177,19 +201,38 @@ def save_variant(loaded: Any, out_dir: str | Path, manifest: dict[str, Any], *, 
     transformers refuses the folder and names :func:`load_variant`.
     """
     from vlmopt.compress.manifest import serialized_size, write_manifest
+    from vlmopt.compress.methods import METHODS
+    from vlmopt.compress.packed import pack_plan, packed_state_dict, quantization_config
 
     out_dir = Path(out_dir)
     loaded.model.to("cpu")
     methods = _methods(manifest)
     _run_hooks([m.save for m in methods if m.save is not None], loaded.model, out_dir)
-    loaded.save(out_dir)
+    # Layers that vlmopt rebuilds from the saved float tensors (factorized, narrowed) stay float.
+    rebuilt = [step["method"] for step in manifest.get("steps", []) if METHODS[step["method"]].partial_weights]
+    refuse = None
+    if rebuilt:
+        refuse = f"its {', '.join(dict.fromkeys(rebuilt))} step(s) leave layers that vlmopt rebuilds from float tensors"
+    plan = pack_plan(loaded.model, refuse=refuse)
+    loaded.save(out_dir, state_dict=packed_state_dict(loaded.model, plan) if plan.packed else None)
+    if plan.packed:
+        _edit_config(out_dir, {"quantization_config": quantization_config(plan)})
+    storage = {**plan.summary(), "weight_bytes": _weight_bytes(out_dir)}
+    if plan.reason and plan.kept:
+        log.warning("the variant is stored with float weights: %s", plan.reason)
+    elif plan.kept:
+        by_reason: dict[str, list[str]] = {}
+        for name, why in plan.kept.items():
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            log.warning("%d quantized module(s) keep float weights (%s): %s", len(names), names[0], why)
     blockers = plain_load_blockers(manifest)
     if blockers:
         _mark_config(out_dir, blockers)
     restore_methods(loaded, manifest, out_dir, only=lambda m: m.save is not None or m.runtime)
     return write_manifest(
         out_dir / "manifest.json",
-        manifest,
+        {**manifest, "storage": storage},
         serialized_size_bytes=serialized_size(loaded.model),
         inputs_hash=inputs_hash,
     )
@@ -232,3 +275,66 @@ def load_variant(model_dir: str | Path, *, dtype: str | None = None) -> Any:
     if manifest is not None:
         restore_methods(loaded, manifest, model_dir)
     return loaded
+
+
+class NotExportable(ValueError):
+    """A variant folder that cannot be handed to a serving stack as packed low-bit weights."""
+
+
+#: Files of a variant folder that only vlmopt reads; an export leaves them out.
+_VLMOPT_FILES = ("manifest.json", "vlmopt.json")
+
+
+def export_variant(folder: str | Path, out: str | Path) -> Path:
+    """Write the packed low-bit model of the variant in ``folder`` to ``out``: its config (with the
+    compressed-tensors ``quantization_config``), weights and processor files, which transformers
+    (with compressed-tensors) and vLLM load without vlmopt. Files are hard-linked where the file
+    system allows, else copied; ``out`` must not exist yet.
+
+    :class:`NotExportable` names why a variant has no such folder: nothing stored packed (the
+    manifest's ``storage`` reason), quantized modules kept as floats, or steps that plain
+    transformers cannot rebuild (:func:`plain_load_blockers`).
+    """
+    import os
+    import shutil
+
+    folder, out = Path(folder), Path(out)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise NotExportable(f"{folder} holds no manifest.json: it is not a vlmopt variant folder")
+    storage = manifest.get("storage") or {}
+    if storage.get("format") != "pack-quantized":
+        why = storage.get("reason") or "no module was stored packed"
+        if storage.get("kept_float"):
+            name, first = next(iter(storage["kept_float"].items()))
+            why += f" (e.g. {name}: {first})"
+        if "storage" not in manifest:
+            why = "it was saved before variants were stored packed; compress it again"
+        raise NotExportable(f"{folder} is not stored as packed low-bit weights: {why}")
+    if storage.get("kept_float"):
+        name, why = next(iter(storage["kept_float"].items()))
+        raise NotExportable(
+            f"{folder}: {len(storage['kept_float'])} quantized module(s) are stored as floats (e.g. {name}: {why}), "
+            "so the folder would not serve as the variant that was evaluated"
+        )
+    blockers = plain_load_blockers(manifest)
+    if blockers:
+        raise NotExportable(
+            f"{folder}: its {', '.join(blockers)} step(s) leave what plain transformers cannot rebuild; "
+            "load it with vlmopt.compress.saved.load_variant"
+        )
+    if out.exists():
+        raise FileExistsError(f"{out} exists; give a new folder to export to")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    for entry in sorted(folder.iterdir()):
+        if entry.name in _VLMOPT_FILES or not entry.is_file():
+            continue
+        try:
+            os.link(entry, partial / entry.name)
+        except OSError:
+            shutil.copy2(entry, partial / entry.name)
+    os.replace(partial, out)
+    return out

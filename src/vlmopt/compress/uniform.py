@@ -30,7 +30,15 @@ import torch
 from torch import nn
 
 from vlmopt.compress.activations import quantize_inputs
-from vlmopt.compress.quant import CHANGE_TOLERANCE, QuantSpec, count_changed, fake_quantize, grid_step
+from vlmopt.compress.packed import GridRecord, record_grid
+from vlmopt.compress.quant import (
+    CHANGE_TOLERANCE,
+    QuantSpec,
+    choose_qparams,
+    count_changed,
+    fake_quantize,
+    grid_step,
+)
 from vlmopt.compress.select import ModuleRef, SelectionSpec
 from vlmopt.compress.step import StepInputs, StepResult
 
@@ -91,6 +99,9 @@ def apply_uniform(model: nn.Module, refs: list[ModuleRef], config: UniformConfig
         weight = ref.module.weight
         new = fake_quantize(weight.detach(), spec)
         changed = count_changed(weight, new, grid_step(weight.detach(), spec))
+        if weight.ndim == 2:  # a Linear's grid, for packed storage (vlmopt.compress.packed)
+            scale, zero_point = choose_qparams(weight.detach(), spec)
+            record_grid(ref.module, _grid_record(spec, scale, zero_point))
         weight.copy_(new)
         details[ref.name] = {"bits": config.bits, "elements_changed": changed}
         if config.activation_bits is not None:
@@ -111,3 +122,16 @@ def apply_uniform(model: nn.Module, refs: list[ModuleRef], config: UniformConfig
             "step, e.g. the same quantization applied twice)"
         )
     return details, None
+
+
+def _grid_record(spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor) -> GridRecord:
+    """The grid :func:`~vlmopt.compress.quant.choose_qparams` chose, as :mod:`vlmopt.compress.packed` keeps it."""
+    strategy = {"per_channel": "channel", "per_tensor": "tensor", "group": "group"}[spec.granularity]
+    return GridRecord(
+        bits=spec.bits,
+        symmetric=spec.symmetric,
+        strategy=strategy,
+        group_size=spec.group_size,
+        scale=scale.squeeze(-1),
+        zero_point=zero_point.squeeze(-1),
+    )

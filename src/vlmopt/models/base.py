@@ -124,11 +124,12 @@ class LoadedModel:
     def parts(self) -> dict[str, list[tuple[str, nn.Module]]]:
         return self.adapter.parts(self.model)
 
-    def save(self, path: str | Path) -> Path:
-        """Save model (safetensors), processor and a ``vlmopt.json`` naming the family."""
+    def save(self, path: str | Path, *, state_dict: dict[str, Any] | None = None) -> Path:
+        """Save model (safetensors), processor and a ``vlmopt.json`` naming the family; ``state_dict``
+        replaces the model's own tensors in the files (packed weights)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
+        self.model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         self.processor.save_pretrained(path)
         (path / "vlmopt.json").write_text(json.dumps({"family": self.family, "source": self.source}, indent=2))
         return path
