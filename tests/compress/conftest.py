@@ -305,3 +305,19 @@ def put_on_grid(loaded, steps, *, step: float = 0.1, seed: int = 0) -> None:
             levels = torch.randint(-3, 5, w.shape, generator=g).to(w.dtype)
             levels[:, 0], levels[:, 1] = -3.0, 4.0
             w.copy_(levels * step)
+
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory, shapes_texts):
+    """The tiny BLIP-2 OPT saved to a folder, as the pipeline's stages read models."""
+    folder = tmp_path_factory.mktemp("blip2")
+    load_model("tiny:blip2-opt", texts=shapes_texts, seed=0).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, shapes_root):
+    """A data root holding the shapes dataset, where calibration and training splits are found."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "shapes").symlink_to(shapes_root, target_is_directory=True)
+    return root

@@ -50,13 +50,6 @@ def test_fewer_activation_bits_cost_more_output_error():
 
 
 @pytest.fixture(scope="module")
-def blip2_dir(tmp_path_factory, shapes_texts):
-    folder = tmp_path_factory.mktemp("blip2")
-    load_model("tiny:blip2-opt", texts=shapes_texts, seed=0).save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def batch(blip2_dir, shapes_test, shapes_root):
     from vlmopt.tasks.encode import calibration_batches
 

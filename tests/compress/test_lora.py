@@ -28,20 +28,6 @@ def _lora(merge: bool, **extra) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def blip2_dir(tmp_path_factory, shapes_texts):
-    folder = tmp_path_factory.mktemp("blip2")
-    load_model("tiny:blip2-opt", texts=shapes_texts, seed=0).save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory, shapes_root):
-    root = tmp_path_factory.mktemp("data")
-    (root / "shapes").symlink_to(shapes_root, target_is_directory=True)
-    return root
-
-
 def _provider(loaded, shapes_train, shapes_root):
     return lambda spec: TrainingData(loaded, shapes_train, shapes_root, fit=finetune)
 

@@ -12,11 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlmopt.models import load_model
 from vlmopt.pipeline import compress_model
 
 STEP = {
@@ -40,20 +38,6 @@ torch.nn.utils.clip_grad_norm_ = slow
 from vlmopt.pipeline import compress_model
 compress_model(sys.argv[1], sys.argv[2], steps=[{step}], data_root=sys.argv[3], work_dir=sys.argv[4], code="c")
 """
-
-
-@pytest.fixture(scope="module")
-def blip2_dir(tmp_path_factory, shapes_texts):
-    folder = tmp_path_factory.mktemp("blip2")
-    load_model("tiny:blip2-opt", texts=shapes_texts, seed=0).save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory, shapes_root):
-    root = tmp_path_factory.mktemp("data")
-    (root / "shapes").symlink_to(shapes_root, target_is_directory=True)
-    return root
 
 
 def _killed_during_training(blip2_dir, data_root, out: Path, work: Path) -> int:

@@ -46,20 +46,6 @@ compress_model(sys.argv[1], sys.argv[2], steps=[{step!r}], data_root=sys.argv[3]
 """
 
 
-@pytest.fixture(scope="module")
-def blip2_dir(tmp_path_factory, shapes_texts):
-    folder = tmp_path_factory.mktemp("blip2")
-    load_model("tiny:blip2-opt", texts=shapes_texts, seed=0).save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory, shapes_root):
-    root = tmp_path_factory.mktemp("data")
-    (root / "shapes").symlink_to(shapes_root, target_is_directory=True)
-    return root
-
-
 def _counting(monkeypatch, method: str, fail_after: int | None = None) -> list[int]:
     """Count the quantizer's calls (raising on call ``fail_after + 1``, as a crash mid-model would)."""
     module_name, _, attr = QUANTIZER[method].rpartition(".")
