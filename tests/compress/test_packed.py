@@ -29,6 +29,10 @@ CASES = {
     "rtn3-sym-g16": ("blip", {"method": "uniform", "bits": 3, "part": "language", "symmetric": True, **GROUPED}),
 }
 GPTQ_ACT_ORDER = {"method": "gptq", "bits": 4, "part": "language", "group_size": 16, "act_order": True}
+AWQ = {"method": "awq", "bits": 4, "part": "language", "group_size": 16}
+# AWQ folds scales into the preceding Linear where no norm precedes (fc1 takes fc2's, v_proj
+# out_proj's) when the layer's outputs prove it exact: those rows leave their grid and stay float.
+AWQ_FOLD_TARGETS = {"self_attn.v_proj", "fc1"}
 
 # A fresh process: plain transformers (and compressed-tensors, which it loads), never vlmopt.
 PLAIN = r"""
@@ -91,15 +95,24 @@ def test_packed_variants_load_in_plain_transformers_with_vlmopts_logits_in_bits_
 ):
     cases = dict(CASES)
     cases["gptq4-act-order-static"] = ("blip2-opt", {**GPTQ_ACT_ORDER, "static_groups": True})
+    cases["awq4-g16"] = ("blip2-opt", AWQ)
     expected, plain_cases = {}, {}
     for name, (family, step) in cases.items():
         folder = tmp_path / name
-        calibration = blip2_calibration if step["method"] == "gptq" else None
+        calibration = blip2_calibration if step["method"] in ("gptq", "awq") else None
         loaded, _ = _variant(family, [step], shapes_texts, folder, calibration)
         manifest = json.loads((folder / "manifest.json").read_text())
         storage = manifest["storage"]
         assert storage["format"] == "pack-quantized", (name, storage)
-        assert storage["scheme"]["bits"] == step["bits"] and "kept_float" not in storage
+        assert storage["scheme"]["bits"] == step["bits"]
+        if step["method"] == "awq":
+            kept = storage.pop("kept_float")
+            assert kept and {name.rpartition("layers.")[2].partition(".")[2] for name in kept} <= AWQ_FOLD_TARGETS
+            # The 6 Linears of 3 OPT layers; a group whose fold was refused stores Q(W * s) / s, on no grid.
+            unfolded = sum(m["scale_folded_into"] == "weight" for m in manifest["steps"][0]["modules"])
+            assert len(kept) + storage["packed_modules"] + unfolded == 6 * 3
+            assert all("not on its recorded grid" in why for why in kept.values())
+        assert "kept_float" not in storage
         config = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
 

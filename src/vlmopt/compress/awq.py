@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmopt.compress.packed import GridRecord, record_grid
 from vlmopt.compress.step import StepInputs, StepResult
 
 from .awq_scales import _fold_groups, _layer_name, _LayerTrace, _ScaleGroup, _shared_input_groups, _trace_layer
@@ -78,7 +79,8 @@ class AWQResult:
     bound applied to ``|W * s|`` per group, or None without ``clip``. ``grid_scale``
     (out_features, n_groups) is the step of ``scaled_weight``'s grid in each group: element
     ``(i, j)`` of ``scaled_weight`` lies on a grid of step ``grid_scale[i, group of j]``, and of
-    ``weight`` on one of that step divided by ``scales[j]``.
+    ``weight`` on one of that step divided by ``scales[j]``; ``grid_zero_point`` (same shape) is
+    that grid's integer zero point.
     """
 
     weight: torch.Tensor
@@ -89,6 +91,7 @@ class AWQResult:
     clip_max: torch.Tensor | None
     scaled_weight: torch.Tensor
     grid_scale: torch.Tensor
+    grid_zero_point: torch.Tensor
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -115,18 +118,18 @@ def _check_positive_int(name: str, value: int) -> None:
 
 def _quantize_scaled(
     w: torch.Tensor, spec: QuantSpec, clip_max: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fake-quantize the scaled weight ``w``, clamping each group to ``[-clip_max, clip_max]`` first.
 
-    Returns the grid values and the grid's step per (row, group).
+    Returns the grid values and the grid's step and integer zero point per (row, group).
     """
     if clip_max is not None:
         rows, columns = w.shape
         groups = clip_max.shape[1]
         bound = clip_max.unsqueeze(-1)
         w = torch.clamp(w.reshape(rows, groups, columns // groups), -bound, bound).reshape(rows, columns)
-    scale, _ = choose_qparams(w, spec)
-    return fake_quantize(w, spec), scale.reshape(w.shape[0], -1)
+    scale, zero_point = choose_qparams(w, spec)
+    return fake_quantize(w, spec), scale.reshape(w.shape[0], -1), zero_point.reshape(w.shape[0], -1)
 
 
 def awq_search_scale(
@@ -245,7 +248,7 @@ def awq_quantize(
         clip_max = awq_search_clip(
             w_scaled, x / s, bits=bits, group_size=group_size, n_grid=clip_grid, max_shrink=max_shrink
         )
-    quantized, grid_scale = _quantize_scaled(w_scaled, spec, clip_max)
+    quantized, grid_scale, grid_zero = _quantize_scaled(w_scaled, spec, clip_max)
     return AWQResult(
         weight=(quantized / s).to(weight.dtype),
         scales=s,
@@ -255,6 +258,7 @@ def awq_quantize(
         clip_max=clip_max,
         scaled_weight=quantized.to(weight.dtype),
         grid_scale=grid_scale,
+        grid_zero_point=grid_zero,
     )
 
 
@@ -321,6 +325,9 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
                     ref.module.weight.copy_(effective)
         if config.fold and layer is not None:
             _fold_groups(model, layer, scale_groups, trace, owners)
+        for g in scale_groups:
+            if g.folded_into != "weight":  # the Linears store Q(W * s) itself: its grid, for packed storage
+                _record_grids(g, config.bits)
         steps = _grid_steps(scale_groups)
         out = {}
         for g in scale_groups:
@@ -356,6 +363,23 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
         counts["unit"],
     )
     return details, None
+
+
+def _record_grids(g: _ScaleGroup, bits: int) -> None:
+    """Record the grid of each Linear of a folded group (:func:`vlmopt.compress.packed.record_grid`).
+
+    A Linear that later takes another group's scales leaves this grid, and the save keeps it float.
+    """
+    rows = [ref.module.weight.shape[0] for ref in g.refs]
+    scales, zeros = g.result.grid_scale.split(rows), g.result.grid_zero_point.split(rows)
+    for ref, scale, zero in zip(g.refs, scales, zeros, strict=True):
+        columns = ref.module.weight.shape[1]
+        group_size = columns // scale.shape[1]
+        strategy = "channel" if scale.shape[1] == 1 else "group"
+        record_grid(
+            ref.module,
+            GridRecord(bits, False, strategy, group_size if strategy == "group" else None, scale, zero),
+        )
 
 
 def _grid_steps(groups: list[_ScaleGroup]) -> dict[str, torch.Tensor]:

@@ -199,7 +199,8 @@ def _levels(weight: torch.Tensor, record: GridRecord) -> tuple[torch.Tensor | No
         wrong = int((rebuilt != w).sum())
         return None, (
             f"its weight is not on its recorded grid as the loader computes it in {w.dtype} ({wrong} of "
-            f"{w.numel()} elements differ): a later step changed it, or the scales are not exact in that dtype"
+            f"{w.numel()} elements differ): it changed after it was quantized (AWQ folding a later group's "
+            "scales into it, a later step), or its scales are not exact in that dtype"
         )
     return levels, None
 
