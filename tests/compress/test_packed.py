@@ -30,9 +30,6 @@ CASES = {
 }
 GPTQ_ACT_ORDER = {"method": "gptq", "bits": 4, "part": "language", "group_size": 16, "act_order": True}
 AWQ = {"method": "awq", "bits": 4, "part": "language", "group_size": 16}
-# AWQ folds scales into the preceding Linear where no norm precedes (fc1 takes fc2's, v_proj
-# out_proj's) when the layer's outputs prove it exact: those rows leave their grid and stay float.
-AWQ_FOLD_TARGETS = {"self_attn.v_proj", "fc1"}
 
 # A fresh process: plain transformers (and compressed-tensors, which it loads), never vlmopt.
 PLAIN = r"""
@@ -105,16 +102,18 @@ def test_packed_variants_load_in_plain_transformers_with_vlmopts_logits_in_bits_
         storage = manifest["storage"]
         assert storage["format"] == "pack-quantized", (name, storage)
         assert storage["scheme"]["bits"] == step["bits"]
-        if step["method"] == "awq":
-            kept = storage.pop("kept_float")
-            assert kept and {name.rpartition("layers.")[2].partition(".")[2] for name in kept} <= AWQ_FOLD_TARGETS
-            # The 6 Linears of 3 OPT layers; a group whose fold was refused stores Q(W * s) / s, on no grid.
-            unfolded = sum(m["scale_folded_into"] == "weight" for m in manifest["steps"][0]["modules"])
-            assert len(kept) + storage["packed_modules"] + unfolded == 6 * 3
-            assert all("not on its recorded grid" in why for why in kept.values())
-        assert "kept_float" not in storage
         config = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+        if step["method"] == "awq":
+            # The 6 Linears of 3 OPT layers; a group whose fold was refused stores Q(W * s) / s, on no
+            # grid, and stays float. A fold target's grid narrows by the scales it took.
+            unfolded = sum(m["scale_folded_into"] == "weight" for m in manifest["steps"][0]["modules"])
+            assert storage["packed_modules"] + unfolded == 6 * 3 and storage["packed_modules"] > 6
+            taken = {m["name"] for m in manifest["steps"][0]["modules"] if m.get("holds_scales_of")}
+            assert taken and taken <= set(config["config_groups"]["group_0"]["targets"])
+            kept = storage.pop("kept_float", {})
+            assert len(kept) == unfolded and all("no fold" in why for why in kept.values())
+        assert "kept_float" not in storage
 
         # The quantized Linears' tensors: bits/32 of their float32 bytes, plus scales and zero points.
         tensors = _packed_tensors(folder)

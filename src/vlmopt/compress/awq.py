@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmopt.compress.packed import GridRecord, record_grid
+from vlmopt.compress.packed import GridRecord, mark_off_grid, record_grid
 from vlmopt.compress.step import StepInputs, StepResult
 
 from .awq_scales import _fold_groups, _layer_name, _LayerTrace, _ScaleGroup, _shared_input_groups, _trace_layer
@@ -328,6 +328,9 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
         for g in scale_groups:
             if g.folded_into != "weight":  # the Linears store Q(W * s) itself: its grid, for packed storage
                 _record_grids(g, config.bits)
+            else:
+                for ref in g.refs:
+                    mark_off_grid(ref.module, "AWQ kept its scales in the weight (no fold), Q(W * s) / s, on no grid")
         steps = _grid_steps(scale_groups)
         out = {}
         for g in scale_groups:
@@ -366,13 +369,14 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
 
 
 def _record_grids(g: _ScaleGroup, bits: int) -> None:
-    """Record the grid of each Linear of a folded group (:func:`vlmopt.compress.packed.record_grid`).
-
-    A Linear that later takes another group's scales leaves this grid, and the save keeps it float.
+    """Record the grid of each Linear of a folded group (:func:`vlmopt.compress.packed.record_grid`);
+    a Linear that took a later group's scales into its rows is on that grid with narrower scales.
     """
     rows = [ref.module.weight.shape[0] for ref in g.refs]
     scales, zeros = g.result.grid_scale.split(rows), g.result.grid_zero_point.split(rows)
     for ref, scale, zero in zip(g.refs, scales, zeros, strict=True):
+        if ref.name in g.row_divisors:  # a later group's scales were folded into its rows
+            scale = scale / g.row_divisors[ref.name].reshape(-1, 1).to(scale.dtype)
         columns = ref.module.weight.shape[1]
         group_size = columns // scale.shape[1]
         strategy = "channel" if scale.shape[1] == 1 else "group"

@@ -119,6 +119,9 @@ class _ScaleGroup:
     folded_params: tuple[str, ...] = ()
     candidate: str | None = None
     fold_error: float | None = None
+    #: Per Linear of ``refs`` (by name): the scales of a later group folded into its rows, by which
+    #: its grid's scales are divided (its weight stays on that narrower grid).
+    row_divisors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -279,6 +282,32 @@ def _divide_channels(params: list[nn.Parameter], s: torch.Tensor) -> None:
         p.copy_((p.to(s.dtype) / s.reshape(-1, *([1] * (p.ndim - 1)))).to(p.dtype))
 
 
+def _keep_on_grid(target: str, s: torch.Tensor, groups: list[_ScaleGroup]) -> None:
+    """After a fold divided the rows of the Linear ``target`` by ``s``: where that Linear stores its
+    own group's grid values (its group folded too), put it on the same grid with each row's scales
+    divided by ``s``, computed as a loader of packed weights computes it (the levels times the
+    scale, in the weight's dtype), and note the divisor for the grid record. The result differs
+    from the plain division by float rounding only."""
+    owner = next((h for h in groups if h.folded_into != "weight" and any(r.name == target for r in h.refs)), None)
+    if owner is None:
+        return
+    index = next(i for i, r in enumerate(owner.refs) if r.name == target)
+    rows = [r.module.weight.shape[0] for r in owner.refs]
+    start = sum(rows[:index])
+    grid_scale = owner.result.grid_scale[start : start + rows[index]]
+    scale = grid_scale.to(torch.float64)
+    zero = owner.result.grid_zero_point[start : start + rows[index]].to(torch.float64)
+    weight = owner.refs[index].module.weight
+    columns = weight.shape[1] // scale.shape[1]
+    zero_columns = zero.repeat_interleave(columns, dim=1)
+    levels = torch.round(owner.grid[index].to(torch.float64) / scale.repeat_interleave(columns, dim=1)) + zero_columns
+    # The same division as the grid record's (vlmopt.compress.awq._record_grids), in the grid's dtype.
+    narrower = (grid_scale / s.reshape(-1, 1).to(grid_scale.dtype)).to(weight.dtype)
+    rebuilt = (levels - zero_columns).to(weight.dtype) * narrower.repeat_interleave(columns, dim=1)
+    weight.copy_(rebuilt)
+    owner.row_divisors[target] = s.detach().clone()
+
+
 class _FoldCheck:
     """Runs a layer on its calibration inputs to tell whether a fold leaves its outputs unchanged.
 
@@ -363,5 +392,7 @@ def _fold_groups(
             _divide_channels([p for _, p in params], s)
             for weight, grid in zip(members, g.grid, strict=True):
                 weight.copy_(grid)
+            if g.norm is None:
+                _keep_on_grid(target, s, groups)
         g.folded_into, g.folded_params = target, tuple(name for name, _ in params)
         used.add(target)

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmopt.checkpoints import read_state, resumable_step, set_aside, write_checkpoint
-from vlmopt.compress.packed import GridRecord, grid_of, record_grid
+from vlmopt.compress.packed import GridRecord, grid_of, mark_off_grid, off_grid, record_grid
 from vlmopt.compress.step import StepWork
 
 __all__ = ["LayerProgress"]
@@ -114,7 +114,10 @@ class LayerProgress:
                     if not name.startswith(_GRID):
                         model.get_parameter(name).copy_(tensor)
                 for module, record in _grids(tensors).items():
-                    record_grid(model.get_submodule(module), record)
+                    if isinstance(record, str):
+                        mark_off_grid(model.get_submodule(module), record)
+                    else:
+                        record_grid(model.get_submodule(module), record)
         details.update(progress["details"])
         state.update(progress["state"])
         log.info(
@@ -133,7 +136,7 @@ class LayerProgress:
         params: dict[str, torch.Tensor],
         details: dict[str, dict[str, Any]],
         state: dict[str, Any],
-        grids: dict[str, GridRecord] | None = None,
+        grids: dict[str, GridRecord | str] | None = None,
     ) -> None:
         """Record that the first ``done`` layers are finished; ``params`` are those the last one changed,
         ``grids`` the integer grids its quantizer recorded (:mod:`vlmopt.compress.packed`)."""
@@ -160,9 +163,12 @@ _GRID = "grid/"
 _STRATEGIES = ("group", "channel", "tensor")
 
 
-def _grid_tensors(grids: dict[str, GridRecord]) -> dict[str, torch.Tensor]:
+def _grid_tensors(grids: dict[str, GridRecord | str]) -> dict[str, torch.Tensor]:
     out = {}
     for module, r in grids.items():
+        if isinstance(r, str):  # on no grid, and why
+            out[f"{_GRID}{module}/off"] = torch.tensor(list(r.encode()), dtype=torch.uint8)
+            continue
         scheme = [r.bits, int(r.symmetric), _STRATEGIES.index(r.strategy), r.group_size or 0]
         out[f"{_GRID}{module}/scheme"] = torch.tensor(scheme, dtype=torch.int64)
         out[f"{_GRID}{module}/scale"] = r.scale.detach().to("cpu", copy=True).contiguous()
@@ -172,10 +178,13 @@ def _grid_tensors(grids: dict[str, GridRecord]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _grids(tensors: dict[str, torch.Tensor]) -> dict[str, GridRecord]:
+def _grids(tensors: dict[str, torch.Tensor]) -> dict[str, GridRecord | str]:
     modules = {key[len(_GRID) :].rpartition("/")[0] for key in tensors if key.startswith(_GRID)}
     out = {}
     for module in modules:
+        if f"{_GRID}{module}/off" in tensors:
+            out[module] = bytes(tensors[f"{_GRID}{module}/off"].tolist()).decode()
+            continue
         bits, symmetric, strategy, group_size = tensors[f"{_GRID}{module}/scheme"].tolist()
         out[module] = GridRecord(
             bits=bits,
@@ -189,9 +198,15 @@ def _grids(tensors: dict[str, torch.Tensor]) -> dict[str, GridRecord]:
     return out
 
 
-def layer_grids(group: list[Any]) -> dict[str, GridRecord]:
-    """The grids the quantizer recorded on a layer's modules (refs with ``name`` and ``module``)."""
-    return {ref.name: grid_of(ref.module) for ref in group if grid_of(ref.module) is not None}
+def layer_grids(group: list[Any]) -> dict[str, GridRecord | str]:
+    """The grids the quantizer recorded on a layer's modules (refs with ``name`` and ``module``), or
+    why a module is on none (:func:`vlmopt.compress.packed.mark_off_grid`)."""
+    out: dict[str, GridRecord | str] = {}
+    for ref in group:
+        record = grid_of(ref.module) or off_grid(ref.module)
+        if record is not None:
+            out[ref.name] = record
+    return out
 
 
 def _weights_digest(model: nn.Module) -> str:

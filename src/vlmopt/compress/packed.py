@@ -47,6 +47,8 @@ __all__ = [
     "GridRecord",
     "PackPlan",
     "grid_of",
+    "mark_off_grid",
+    "off_grid",
     "pack_int32",
     "pack_plan",
     "packed_state_dict",
@@ -90,9 +92,22 @@ def record_grid(module: nn.Module, record: GridRecord) -> None:
     setattr(module, _ATTR, record)
 
 
+def mark_off_grid(module: nn.Module, reason: str) -> None:
+    """Note that a quantizer left ``module``'s weight on no integer grid, and why (the save lists it
+    among the quantized modules kept float)."""
+    setattr(module, _ATTR, reason)
+
+
 def grid_of(module: nn.Module) -> GridRecord | None:
     """The grid recorded on ``module``, if any."""
-    return getattr(module, _ATTR, None)
+    record = getattr(module, _ATTR, None)
+    return record if isinstance(record, GridRecord) else None
+
+
+def off_grid(module: nn.Module) -> str | None:
+    """Why a quantizer left ``module`` on no grid (:func:`mark_off_grid`), if it did."""
+    record = getattr(module, _ATTR, None)
+    return record if isinstance(record, str) else None
 
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -210,7 +225,7 @@ def pack_plan(model: nn.Module, *, refuse: str | None = None) -> PackPlan:
     docstring); ``refuse`` (a reason) keeps every one of them float."""
     plan = PackPlan()
     if refuse is not None:
-        plan.kept = {name: refuse for name, module in model.named_modules() if grid_of(module) is not None}
+        plan.kept = {name: refuse for name, module in model.named_modules() if grid_of(module) or off_grid(module)}
         plan.reason = refuse
         return plan
     owners: dict[int, int] = {}
@@ -218,6 +233,9 @@ def pack_plan(model: nn.Module, *, refuse: str | None = None) -> PackPlan:
         owners[id(p)] = owners.get(id(p), 0) + 1
     candidates: dict[str, _Packed] = {}
     for name, module in model.named_modules():
+        if (why := off_grid(module)) is not None:
+            plan.kept[name] = why
+            continue
         record = grid_of(module)
         if record is None:
             continue
