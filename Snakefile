@@ -28,3 +28,5 @@ rule all:
         # The figures the study has data for (quality vs size and cost and the task bars always;
         # drop-off, SVD, pruning, confusion, examples and the sweep's curves where it has them).
         expand("results/plots/{figure}", figure=FIGURE_FILES),
+        # The packed low-bit folders of the quantized variants, where the study asks (export: true).
+        [f"results/exported/{m}/{ft}/{v}" for m, ft, v in EXPORTED],

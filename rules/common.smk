@@ -16,6 +16,7 @@ from vlmopt.study import (
     check_study_file,
     evaluations,
     expand_grids,
+    exported,
     figure_file,
     planned_figures,
     profiled,
@@ -44,6 +45,8 @@ config.update(_sorted_config)
 EVALUATIONS = evaluations(config)
 # (model, ft, variant) -> {task: dataset}: one profiling job per variant, each task on its first dataset.
 PROFILED = profiled(config)
+# (model, ft, variant) of each quantized variant whose packed folder is exported (`export: true`).
+EXPORTED = exported(config)
 # (model, ft, variant, point) -> {axis, value}: one job per sweep point (vlmopt.profiling.sweep).
 SWEPT = swept(config)
 # Files of the report's figures that the study has data for, one figure job each (svd.png ...).

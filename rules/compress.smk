@@ -19,3 +19,18 @@ rule compress:
         work="results/checkpoints/compress/{model}/{ft}/{variant}",
     script:
         "../workflow/scripts/compress.py"
+
+
+rule export:
+    input:
+        model="results/models/{model}/{ft}/{variant}",
+    output:
+        directory("results/exported/{model}/{ft}/{variant}"),
+    log:
+        "logs/export/{model}/{ft}/{variant}.log",
+    conda:
+        "../workflow/envs/vlmopt.yaml"
+    params:
+        code=code("export"),
+    script:
+        "../workflow/scripts/export.py"

@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "build_model": ("build_model",),
     "finetune": ("finetune_model",),
     "compress": ("compress_model",),
+    "export": ("export_model",),
     "infer": ("predict_shard",),
     "gather_predictions": ("gather_predictions",),
     "score": ("score_predictions",),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -194,3 +195,17 @@ def test_shards_and_shard_size_together_are_refused(workdir):
     assert (
         "give shards (a fixed number of jobs) or shard_size (rows per job), not both" in result.stdout + result.stderr
     )
+
+
+def test_export_plans_one_job_per_evaluated_quantized_variant(workdir):
+    result = run_snakemake(workdir, "--dry-run", configfile=_edit(workdir, lambda c: c.update(export=True)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = dict(line.split()[:2] for line in result.stdout.splitlines() if line.split()[:1] == ["export"])
+    assert int(jobs["export"]) == 4  # w8-language of blip and blip2 (finetuned), clip and blip-itm
+    outputs = set(re.findall(r"results/exported/[^\s,;]+", result.stdout))
+    assert outputs == {
+        f"results/exported/{m}/{ft}/w8-language"
+        for m, ft in (("blip-tiny", "full"), ("blip2-tiny", "full"), ("clip-tiny", "none"), ("blip-itm-tiny", "none"))
+    }
+    plain = run_snakemake(workdir, "--dry-run", configfile=_edit(workdir, lambda c: c.pop("export")))
+    assert plain.returncode == 0 and "results/exported/" not in plain.stdout

@@ -14,9 +14,11 @@ CPU_RULES = ("score", "tables", "figure", "html_report", "prepare_dataset", "bui
 
 
 def _resources_by_rule(dry_run_output: str) -> dict[str, list[str]]:
+    """Each rule's resource lines; a job's block starts with ``rule <name>:`` or, for a checkpoint
+    (prepare_dataset, label_dataset), ``checkpoint <name>:``."""
     found: dict[str, list[str]] = {}
-    for block in dry_run_output.split("rule ")[1:]:
-        rule = block.split(":", 1)[0].strip()
+    parts = re.split(r"^(?:rule|checkpoint) (\w+):$", dry_run_output, flags=re.MULTILINE)
+    for rule, block in zip(parts[1::2], parts[2::2], strict=True):
         m = re.search(r"resources: (.*)", block)
         if m:
             found.setdefault(rule, []).append(m.group(1))

@@ -92,12 +92,14 @@ def library_defaults() -> dict[str, Any]:
     from vlmopt.infer import INFERENCE_DEFAULTS
     from vlmopt.models import load_model
     from vlmopt.profiling.variant import DEFAULTS as PROFILING_DEFAULTS
+    from vlmopt.study.exports import EXPORT_ENABLED
     from vlmopt.study.runs import PROFILING_ENABLED
     from vlmopt.tasks import DEFAULT_TEMPLATES
 
     finetune = ("epochs", "lr", "batch_size", "weight_decay", "checkpoint_every", "warmup_steps", "max_steps")
     return {
         "seed": _seed(),
+        "export": EXPORT_ENABLED,
         **{f"datasets.*.captioner.{k}": v for k, v in CAPTIONER_DEFAULTS.items()},
         **{
             f"datasets.*.{k}": _argument(make_shapes, k) for k in ("labels", "n_train", "n_val", "n_test", "image_size")

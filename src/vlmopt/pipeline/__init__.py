@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from vlmopt.pipeline.data import label_dataset, prepare_dataset
 from vlmopt.pipeline.job import start_job
-from vlmopt.pipeline.models import build_model, compress_loaded, compress_model, finetune_model
+from vlmopt.pipeline.models import build_model, compress_loaded, compress_model, export_model, finetune_model
 from vlmopt.pipeline.predict import gather_predictions, predict_shard, score_predictions
 from vlmopt.pipeline.profile import profile_variant
 from vlmopt.pipeline.results import build_figure, build_html_report, build_plots, build_tables
@@ -21,6 +21,7 @@ __all__ = [
     "build_tables",
     "compress_loaded",
     "compress_model",
+    "export_model",
     "finetune_model",
     "gather_predictions",
     "label_dataset",

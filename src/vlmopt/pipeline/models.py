@@ -12,7 +12,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_model", "finetune_model", "compress_model", "compress_loaded"]
+__all__ = ["build_model", "compress_loaded", "compress_model", "export_model", "finetune_model"]
 
 
 def build_model(
@@ -200,3 +200,21 @@ def compress_loaded(
     inputs = {"model": folder_digest(source) if source is not None else None, "steps": steps}
     save_variant(loaded, out_dir, manifest, inputs_hash=config_hash(inputs))
     return manifest
+
+
+def export_model(variant_dir: str | Path, out_dir: str | Path) -> bool:
+    """Export the packed low-bit folder of a variant (:func:`vlmopt.compress.saved.export_variant`) to
+    ``out_dir``; True when it was written. A variant that is not stored packed in full gets
+    ``out_dir/NOT_EXPORTED.txt`` saying why, and a warning, so that a study's run goes on."""
+    from vlmopt.compress.saved import NotExportable, export_variant
+
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        export_variant(variant_dir, out_dir)
+    except NotExportable as err:
+        log.warning("not exported: %s", err)
+        out_dir.mkdir(parents=True)
+        (out_dir / "NOT_EXPORTED.txt").write_text(f"{err}\n")
+        return False
+    return True

@@ -11,6 +11,7 @@ profiling sweep's axes and points), :mod:`~.runs` (evaluations, profiling and sw
 from __future__ import annotations
 
 from vlmopt.study.checks import check_study, check_study_file, check_variant_steps, check_variant_structure
+from vlmopt.study.exports import exported
 from vlmopt.study.figures import (
     FIGURES,
     PRUNING_METHODS,
@@ -21,7 +22,15 @@ from vlmopt.study.figures import (
     reads_classes,
 )
 from vlmopt.study.grids import expand_grids, grid_slug
-from vlmopt.study.runs import Evaluation, StudyError, canonical, evaluations, profiled, shard_count, swept
+from vlmopt.study.runs import (
+    Evaluation,
+    StudyError,
+    canonical,
+    evaluations,
+    profiled,
+    shard_count,
+    swept,
+)
 from vlmopt.study.sweep import ATTENTION, AXES, DTYPE_NAMES, NUMERIC_AXES, SweepPoint, sweep_points
 
 __all__ = [
@@ -46,6 +55,7 @@ __all__ = [
     "figure_file",
     "grid_slug",
     "planned_figures",
+    "exported",
     "profiled",
     "reads_classes",
     "shard_count",
