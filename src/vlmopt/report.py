@@ -54,6 +54,7 @@ TABLE_COLUMNS = (
     "stored_bytes",
     "simulated",
     "storage",
+    "kernel",
     "latency_ms_per_sample_p50",
     "energy_j_per_sample",
     "gflops_per_sample",

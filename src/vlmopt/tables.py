@@ -80,6 +80,8 @@ EFFICIENCY_SCHEMA = pa.schema(
         ("batch_size", pa.int64()),
         ("device", pa.string()),
         ("simulated", pa.bool_()),
+        # The low-bit kernel the packed Linears ran on (vlmopt.compress.kernels), "none" for dense weights.
+        ("kernel", pa.string()),
         # A sweep point's rows (vlmopt.profiling.sweep): the axis and its value; null on a variant's own profile.
         ("sweep_axis", pa.string()),
         ("sweep_value", pa.string()),
@@ -266,7 +268,7 @@ def efficiency_rows(measures: pd.DataFrame, keys: dict[str, str], settings: Any)
     """Long-format efficiency rows of one (model, ft, variant, task) with provenance.
 
     ``measures`` has ``measure``, ``value``, ``unit``, ``method``, ``note``, ``batch_size``,
-    ``device`` and ``simulated`` (as :func:`vlmopt.profiling.variant.profile_variant` returns).
+    ``device``, ``simulated`` and ``kernel`` (as :func:`vlmopt.profiling.variant.profile_variant` returns).
     """
     missing = [k for k in KEYS if k not in keys]
     if missing:
@@ -292,7 +294,9 @@ def summarise(
     as integer columns (null where its score rows lack them), so a score computed on fewer
     readable images shows as such. With ``efficiency`` (long rows), the :data:`SUMMARY_MEASURES`
     of each (model, ft, variant, task) join as columns: the cost of every evaluated configuration
-    beside its quality (its own profile; sweep points stay in the efficiency table).
+    beside its quality (its own profile; sweep points stay in the efficiency table), with the
+    ``kernel`` its packed Linears ran on; ``simulated`` turns false where that profile ran every
+    packed Linear on a low-bit kernel (its cost is measured, not the dense model's).
     """
     wide = scores.pivot_table(index=list(KEYS), columns="metric", values="value", aggfunc="first").reset_index()
     wide.columns.name = None
@@ -318,6 +322,16 @@ def summarise(
         cost = cost.reindex(columns=[m for m in SUMMARY_MEASURES if m in set(chosen["measure"])]).reset_index()
         cost.columns.name = None
         wide = wide.merge(cost, on=keys, how="left")
+        if "kernel" in efficiency.columns:
+            kernels = efficiency.groupby(keys)["kernel"].first().reset_index()
+            wide = wide.merge(kernels, on=keys, how="left")
+            if "simulated" in efficiency.columns and "simulated" in wide.columns:
+                # The cost columns are real where the profile ran every packed Linear on a kernel.
+                measured = efficiency.groupby(keys)["simulated"].first().rename("_cost_simulated").reset_index()
+                wide = wide.merge(measured, on=keys, how="left")
+                ran = wide["_cost_simulated"].astype("boolean").eq(False).fillna(False).astype(bool)
+                wide.loc[ran, "simulated"] = False
+                wide = wide.drop(columns="_cost_simulated")
     return wide.sort_values(list(KEYS)).reset_index(drop=True)
 
 

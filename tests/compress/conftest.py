@@ -18,6 +18,7 @@ from torch import nn
 from vlmopt.compress import apply_variant
 from vlmopt.compress.calibration import Calibration
 from vlmopt.models import load_model
+from vlmopt.models.base import LoadedModel
 from vlmopt.tasks.encode import calibration_batches
 
 DV, DB, DL = 32, 24, 40
@@ -321,3 +322,18 @@ def data_root(tmp_path_factory, shapes_root):
     root = tmp_path_factory.mktemp("data")
     (root / "shapes").symlink_to(shapes_root, target_is_directory=True)
     return root
+
+
+def wide_blip2(texts: list[str], seed: int = 0) -> LoadedModel:
+    """The tiny BLIP-2 OPT with a language model wide enough for groups of 128 and the int4 kernels'
+    shapes (hidden 128, feed-forward 256), its tokenizer and processor unchanged."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    loaded = load_model("tiny:blip2-opt", texts=texts, seed=seed)
+    config = loaded.model.config.to_dict()
+    config["text_config"].update(hidden_size=128, ffn_dim=256, word_embed_proj_dim=128)
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(Blip2Config(**config))
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.02)
+    return LoadedModel(model.eval(), loaded.processor, loaded.family, loaded.adapter, source=loaded.source)

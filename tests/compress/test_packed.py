@@ -20,6 +20,8 @@ from vlmopt.compress.packed import GridRecord, pack_int32, pack_plan, record_gri
 from vlmopt.compress.saved import NotExportable, export_variant, load_variant, save_variant
 from vlmopt.models import load_model
 
+from .conftest import wide_blip2
+
 GROUPED = {"granularity": "group", "group_size": 16}
 CASES = {
     "rtn4-sym-g16": ("blip2-opt", {"method": "uniform", "bits": 4, "part": "language", "symmetric": True, **GROUPED}),
@@ -43,7 +45,11 @@ for name, (folder, cls, inputs) in cases.items():
 assert not any(m == "vlmopt" or m.startswith("vlmopt.") for m in sys.modules), "vlmopt was imported"
 torch.save(out, sys.argv[2])
 """
-CLASSES = {"blip2-opt": "Blip2ForConditionalGeneration", "blip": "BlipForConditionalGeneration"}
+CLASSES = {
+    "blip2-opt": "Blip2ForConditionalGeneration",
+    "blip2-wide": "Blip2ForConditionalGeneration",
+    "blip": "BlipForConditionalGeneration",
+}
 
 
 def _inputs(loaded, shapes_test, shapes_root):
@@ -55,7 +61,7 @@ def _inputs(loaded, shapes_test, shapes_root):
 
 
 def _variant(family, steps, shapes_texts, folder, calibration=None):
-    loaded = load_model(f"tiny:{family}", texts=shapes_texts, seed=0)
+    loaded = wide_blip2(shapes_texts) if family == "blip2-wide" else load_model(f"tiny:{family}", texts=shapes_texts)
     dense = {n: p.numel() for n, p in loaded.model.named_parameters()}
     manifest = apply_variant(loaded.model, loaded.parts(), steps, calibration=calibration)
     save_variant(loaded, folder, manifest, inputs_hash="test")
@@ -88,15 +94,28 @@ def test_packing_matches_compressed_tensors_own_unpacking(bits):
 
 
 def test_packed_variants_load_in_plain_transformers_with_vlmopts_logits_in_bits_over_32_of_the_bytes(
-    shapes_texts, shapes_test, shapes_root, blip2_calibration, tmp_path
+    shapes_texts, shapes_train, shapes_test, shapes_root, blip2_calibration, tmp_path
 ):
+    from vlmopt.compress.calibration import Calibration
+    from vlmopt.tasks.encode import calibration_batches
+
+    blip = load_model("tiny:blip", texts=shapes_texts)
+    blip_calibration = Calibration(*calibration_batches(blip, shapes_train, shapes_root, n_samples=12, batch_size=4))
     cases = dict(CASES)
     cases["gptq4-act-order-static"] = ("blip2-opt", {**GPTQ_ACT_ORDER, "static_groups": True})
     cases["awq4-g16"] = ("blip2-opt", AWQ)
+    cases["gptq4-act-order-blip-g16"] = ("blip", {**GPTQ_ACT_ORDER, "static_groups": True})
+    cases["awq4-blip-g16"] = ("blip", AWQ)
+    # Groups of 128 on a language model wide enough for them (hidden 128, feed-forward 256).
+    cases["rtn4-g128"] = ("blip2-wide", {**CASES["rtn4-asym-g16"][1], "part": "language", "group_size": 128})
+    cases["gptq4-act-order-g128"] = ("blip2-wide", {**GPTQ_ACT_ORDER, "static_groups": True, "group_size": 128})
+    cases["awq4-g128"] = ("blip2-wide", {**AWQ, "group_size": 128})
     expected, plain_cases = {}, {}
     for name, (family, step) in cases.items():
         folder = tmp_path / name
-        calibration = blip2_calibration if step["method"] in ("gptq", "awq") else None
+        calibration = None
+        if step["method"] in ("gptq", "awq"):
+            calibration = blip_calibration if family == "blip" else blip2_calibration
         loaded, _ = _variant(family, [step], shapes_texts, folder, calibration)
         manifest = json.loads((folder / "manifest.json").read_text())
         storage = manifest["storage"]
@@ -105,12 +124,16 @@ def test_packed_variants_load_in_plain_transformers_with_vlmopts_logits_in_bits_
         config = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
         if step["method"] == "awq":
-            # The 6 Linears of 3 OPT layers; a group whose fold was refused stores Q(W * s) / s, on no
-            # grid, and stays float. A fold target's grid narrows by the scales it took.
-            unfolded = sum(m["scale_folded_into"] == "weight" for m in manifest["steps"][0]["modules"])
-            assert storage["packed_modules"] + unfolded == 6 * 3 and storage["packed_modules"] > 6
-            taken = {m["name"] for m in manifest["steps"][0]["modules"] if m.get("holds_scales_of")}
-            assert taken and taken <= set(config["config_groups"]["group_0"]["targets"])
+            # A group whose fold was refused stores Q(W * s) / s, on no grid, and stays float: one
+            # group of BLIP-2's 6 Linears x 3 OPT layers; most of BLIP's post-norm BERT layers, whose
+            # query/key/value and feed-forward inputs follow no norm or Linear to fold into. A fold
+            # target's grid narrows by the scales it took.
+            modules = manifest["steps"][0]["modules"]
+            unfolded = sum(m["scale_folded_into"] == "weight" for m in modules)
+            assert storage["packed_modules"] + unfolded == len(modules) and storage["packed_modules"] > 0
+            assert family != "blip2-opt" or (len(modules) == 6 * 3 and storage["packed_modules"] > 6)
+            taken = {m["name"] for m in modules if m.get("holds_scales_of") and m["scale_folded_into"] != "weight"}
+            assert taken <= set(config["config_groups"]["group_0"]["targets"]) and (taken or family == "blip")
             kept = storage.pop("kept_float", {})
             assert len(kept) == unfolded and all("no fold" in why for why in kept.values())
         assert "kept_float" not in storage
@@ -125,7 +148,8 @@ def test_packed_variants_load_in_plain_transformers_with_vlmopts_logits_in_bits_
             packed = tensors[f"{module}.weight_packed"]
             assert packed.numel() * 4 <= rows * math.ceil(columns * step["bits"] / 32) * 4
             assert packed.numel() * 4 <= rows * columns * 4 * step["bits"] / 32 + rows * 4  # one padding word a row
-            groups = columns // 16 if step.get("granularity", "group" if "group_size" in step else None) else 1
+            grouped = step.get("granularity", "group" if "group_size" in step else None)
+            groups = columns // step["group_size"] if grouped else 1
             scale = tensors[f"{module}.weight_scale"]
             assert scale.numel() == rows * groups
             has_zero = f"{module}.weight_zero_point" in tensors

@@ -327,7 +327,7 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
             _fold_groups(model, layer, scale_groups, trace, owners)
         for g in scale_groups:
             if g.folded_into != "weight":  # the Linears store Q(W * s) itself: its grid, for packed storage
-                _record_grids(g, config.bits)
+                _record_grids(g, config.bits, config.group_size)
             else:
                 for ref in g.refs:
                     mark_off_grid(ref.module, "AWQ kept its scales in the weight (no fold), Q(W * s) / s, on no grid")
@@ -368,9 +368,10 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
     return details, None
 
 
-def _record_grids(g: _ScaleGroup, bits: int) -> None:
+def _record_grids(g: _ScaleGroup, bits: int, configured: int | None) -> None:
     """Record the grid of each Linear of a folded group (:func:`vlmopt.compress.packed.record_grid`);
     a Linear that took a later group's scales into its rows is on that grid with narrower scales.
+    A row exactly one ``configured`` group long keeps the group strategy (one scheme per variant).
     """
     rows = [ref.module.weight.shape[0] for ref in g.refs]
     scales, zeros = g.result.grid_scale.split(rows), g.result.grid_zero_point.split(rows)
@@ -379,7 +380,8 @@ def _record_grids(g: _ScaleGroup, bits: int) -> None:
             scale = scale / g.row_divisors[ref.name].reshape(-1, 1).to(scale.dtype)
         columns = ref.module.weight.shape[1]
         group_size = columns // scale.shape[1]
-        strategy = "channel" if scale.shape[1] == 1 else "group"
+        whole_row = scale.shape[1] == 1 and configured == columns
+        strategy = "channel" if scale.shape[1] == 1 and not whole_row else "group"
         record_grid(
             ref.module,
             GridRecord(bits, False, strategy, group_size if strategy == "group" else None, scale, zero),

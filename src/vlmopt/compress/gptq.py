@@ -390,13 +390,17 @@ def apply_gptq(model: nn.Module, refs: list[ModuleRef], config: GPTQConfig, inpu
             with torch.no_grad():
                 weight.copy_(new)
             group_size = _effective_group(ref, config.group_size)
+            # A group as long as the row is one scale per row: kept as a group, so that a variant
+            # whose other rows hold several groups is stored with one scheme.
+            whole_row = config.group_size is not None and config.group_size == weight.shape[1]
+            recorded = config.group_size if whole_row else group_size
             record_grid(
                 ref.module,
                 GridRecord(
                     bits=config.bits,
                     symmetric=config.symmetric,
-                    strategy="channel" if group_size is None else "group",
-                    group_size=group_size,
+                    strategy="channel" if recorded is None else "group",
+                    group_size=recorded,
                     scale=result.scale,
                     zero_point=result.zero_point,
                     g_idx=result.g_idx if group_size is not None and config.act_order else None,

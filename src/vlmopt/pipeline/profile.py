@@ -29,19 +29,21 @@ def profile_variant(
 ) -> pd.DataFrame:
     """Efficiency rows of one variant on each of its tasks (:mod:`vlmopt.profiling.variant`), as Parquet.
 
-    ``tasks`` maps a task to ``table`` (its split table), ``root`` (the folder its image paths are
-    relative to), ``dataset`` (its name) and ``generation`` (max_new_tokens, num_beams ...).
-    ``keys`` are model, ft and variant; ``chain`` the settings hashed into ``config_hash`` with
-    ``settings``. Runs on ``device`` (the GPU where there is one; the CPU for dynamic int8 variants).
-    ``point`` (``{axis, value}``) measures one sweep point instead (:mod:`vlmopt.profiling.sweep`):
-    the rows carry ``sweep_axis`` and ``sweep_value`` and no size rows.
+        ``tasks`` maps a task to ``table`` (its split table), ``root`` (the folder its image paths are
+        relative to), ``dataset`` (its name) and ``generation`` (max_new_tokens, num_beams ...).
+        ``keys`` are model, ft and variant; ``chain`` the settings hashed into ``config_hash`` with
+        ``settings``. Runs on ``device`` (the GPU where there is one; the CPU for dynamic int8 variants);
+    a packed variant's Linears run on a low-bit kernel where one takes them (``kernels`` setting).
+        ``point`` (``{axis, value}``) measures one sweep point instead (:mod:`vlmopt.profiling.sweep`):
+        the rows carry ``sweep_axis`` and ``sweep_value`` and no size rows.
     """
+    from vlmopt.compress.kernels import use_kernels
     from vlmopt.compress.saved import load_variant, read_manifest
     from vlmopt.data.schema import require_rows
     from vlmopt.device import place
     from vlmopt.infer import generate_kwargs
     from vlmopt.profiling.sweep import SweepPoint, apply_point, compiled_graphs, sweep_rows
-    from vlmopt.profiling.variant import DEFAULTS, not_measured
+    from vlmopt.profiling.variant import DEFAULTS, not_measured, runs_simulated
     from vlmopt.profiling.variant import profile_variant as measure
     from vlmopt.tables import EFFICIENCY_SCHEMA, efficiency_rows
 
@@ -54,6 +56,8 @@ def profile_variant(
     where = place(loaded.model, device, model_dir=model_dir)
     manifest = read_manifest(model_dir)
     settings = {**DEFAULTS, **settings}
+    # Packed Linears multiply through a low-bit kernel where one takes them (vlmopt.compress.kernels).
+    kernel = use_kernels(loaded.model, model_dir, enabled=bool(settings["kernels"]))
     applied = None
     if sweep is not None:
         applied = apply_point(loaded, sweep, model_dir=model_dir, compile_backend=settings["compile_backend"])
@@ -62,8 +66,13 @@ def profile_variant(
     tables = []
     for task, spec in sorted(tasks.items()):
         if applied is not None and applied.reason:
-            simulated = bool(manifest and manifest.get("simulated"))
-            df = not_measured(applied.reason, batch_size=settings["batch_size"], device=str(where), simulated=simulated)
+            df = not_measured(
+                applied.reason,
+                batch_size=settings["batch_size"],
+                device=str(where),
+                simulated=runs_simulated(manifest, kernel),
+                kernel=kernel.kernel,
+            )
         else:
             graphs = compiled_graphs()
             df = measure(
@@ -77,6 +86,7 @@ def profile_variant(
                 sizes=sweep is None,
                 image_size=applied.image_size if applied else None,
                 prompt_length=applied.prompt_length if applied else None,
+                kernel=kernel,
             )
             if applied is not None:
                 df = sweep_rows(df, applied, sweep, compiled_graphs() - graphs)

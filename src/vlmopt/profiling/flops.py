@@ -6,7 +6,8 @@ attention kernels, with one multiply-add counted as 2 FLOPs. Element-wise operat
 softmax count nothing, so the totals are matrix-product FLOPs. On the CPU, PyTorch's fused
 attention (``_scaled_dot_product_flash_attention_for_cpu``) has no formula in torch; it is counted
 here as its two matrix products (``Q K^T`` and ``P V``, the full square, causal or not), the
-same value the eager attention path gives.
+same value the eager attention path gives. The weight-only low-bit products of packed variants
+(``_weight_int4pack_mm``, its CPU version, ``_weight_int8pack_mm``) count as the ``mm`` they replace.
 
 Modules whose kernels the counter cannot see count 0: PyTorch's dynamically quantized int8
 modules (``torch.ao.nn.quantized``) and torchao's quantized tensor subclasses. When a model holds
@@ -83,11 +84,25 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=N
     return 2 * batch_heads * sq * sk * d + 2 * batch_heads * sq * sk * dv
 
 
+def _low_bit_mm_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    """A weight-only low-bit product: input (M, K) times a (N, K) weight, output (M, N)."""
+    return 2 * math.prod(x_shape) * out_shape[-1]
+
+
+#: Weight-only low-bit matrix products (vlmopt.compress.kernels): 2 FLOPs per multiply-add, as ``mm``.
+_LOW_BIT_MM = ("_weight_int4pack_mm", "_weight_int4pack_mm_for_cpu", "_weight_int8pack_mm")
+
+
 def _custom_mapping() -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or op in flop_registry:
-        return {}
-    return {op: _cpu_attention_flops}
+    if op is not None and op not in flop_registry:
+        mapping[op] = _cpu_attention_flops
+    for name in _LOW_BIT_MM:
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_registry:
+            mapping[op] = _low_bit_mm_flops
+    return mapping
 
 
 def uncounted_modules(model: nn.Module) -> list[str]:

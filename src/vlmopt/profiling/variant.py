@@ -29,7 +29,10 @@ on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU); energy covers the tim
 a GPU, RAPL on a CPU where readable, else None and the reason); FLOPs count one call with
 ``torch.utils.flop_counter``. Size rows come from the variant's ``manifest.json``. A simulated
 variant (fake-quantized weights in float tensors) keeps the dense model's latency and memory; its
-rows say so in ``note``.
+rows say so in ``note``. A packed variant whose Linears run on a low-bit kernel
+(:func:`vlmopt.compress.kernels.use_kernels`, ``kernel``) is measured as it runs: every row carries
+the kernel in ``kernel`` (``none`` for dense weights), and the rows stay ``simulated`` unless every
+packed Linear ran on it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from vlmopt.compress.kernels import NONE as NO_KERNEL
+from vlmopt.compress.kernels import KernelUse
 from vlmopt.device import model_device, to_model_device
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import text_ids
@@ -53,7 +58,7 @@ from vlmopt.profiling.sweep import lengthen_prompts, resize_longest
 from vlmopt.streaming import image_batches
 from vlmopt.tasks import get_task
 
-__all__ = ["DEFAULTS", "HEADLINE", "not_measured", "profile_variant", "size_rows"]
+__all__ = ["DEFAULTS", "HEADLINE", "not_measured", "profile_variant", "runs_simulated", "size_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
     "repeats": 10,
     "energy_idle_s": 1.0,
     "compile_backend": "inductor",
+    # Run packed variants' Linears through a low-bit kernel where one exists (vlmopt.compress.kernels).
+    "kernels": True,
 }
 #: The measures a configuration that cannot be measured still has a row of (value None, note why).
 HEADLINE = {
@@ -126,13 +133,36 @@ def _timed_rows(
     return rows, stats.median_ms
 
 
-def not_measured(reason: str, *, batch_size: int, device: str, simulated: bool = False) -> pd.DataFrame:
+def not_measured(
+    reason: str, *, batch_size: int, device: str, simulated: bool = False, kernel: str = NO_KERNEL
+) -> pd.DataFrame:
     """The :data:`HEADLINE` rows of a configuration that cannot be measured: values None, ``reason`` in note."""
     df = pd.DataFrame([_row(m, None, unit, "not measured", reason) for m, unit in HEADLINE.items()])
     df["batch_size"] = batch_size
     df["device"] = device
     df["simulated"] = simulated
+    df["kernel"] = kernel
     return df
+
+
+def runs_simulated(manifest: dict[str, Any] | None, kernel: KernelUse | None) -> bool:
+    """Whether a variant's cost is the dense model's standing in: a simulated method whose packed
+    Linears do not all run on a low-bit kernel."""
+    return bool(manifest and manifest.get("simulated")) and not (kernel is not None and kernel.complete)
+
+
+def _cost_note(manifest: dict[str, Any] | None, kernel: KernelUse | None) -> str | None:
+    if kernel is not None and kernel.replaced:
+        if kernel.complete:
+            return f"packed variant: {kernel.describe()}"
+        return f"partly simulated: {kernel.describe()}; the others run as dense floats"
+    if manifest and manifest.get("simulated"):
+        why = f" ({kernel.reason})" if kernel is not None and kernel.packed and kernel.reason else ""
+        return (
+            "simulated variant: weights are fake-quantized in float tensors, so latency and memory are the "
+            f"dense model's{why}"
+        )
+    return None
 
 
 def profile_variant(
@@ -147,9 +177,11 @@ def profile_variant(
     image_size: int | None = None,
     prompt_length: int | None = None,
     sizes: bool = True,
+    kernel: KernelUse | None = None,
 ) -> pd.DataFrame:
     """Efficiency rows of ``loaded`` on ``task`` (see the module docstring), plus size rows from ``manifest``
-    unless ``sizes`` is false.
+    unless ``sizes`` is false. ``kernel`` says which low-bit kernel the packed Linears of ``loaded``
+    run on (:func:`vlmopt.compress.kernels.use_kernels`).
 
     ``image_size`` resizes the images to that longest side before encoding; ``prompt_length``
     lengthens each prompt to that many text tokens (:mod:`vlmopt.profiling.sweep`). Parameters are
@@ -161,7 +193,17 @@ def profile_variant(
     try:
         with torch.inference_mode():
             return _profile(
-                loaded, table, dataset_root, task, settings, generation, manifest, image_size, prompt_length, sizes
+                loaded,
+                table,
+                dataset_root,
+                task,
+                settings,
+                generation,
+                manifest,
+                image_size,
+                prompt_length,
+                sizes,
+                kernel,
             )
     finally:
         for p in trainable:
@@ -179,6 +221,7 @@ def _profile(
     image_size: int | None = None,
     prompt_length: int | None = None,
     sizes: bool = True,
+    kernel: KernelUse | None = None,
 ) -> pd.DataFrame:
     settings = {**DEFAULTS, **(settings or {})}
     batch = int(settings["batch_size"])
@@ -188,19 +231,16 @@ def _profile(
         raise ValueError(f"family {loaded.family!r} cannot run task {task!r}; it runs {list(loaded.adapter.tasks)}")
     spec = get_task(task)
     device = model_device(loaded.model)
-    simulated = bool(manifest and manifest.get("simulated"))
+    simulated = runs_simulated(manifest, kernel)
+    kernel_name = kernel.kernel if kernel is not None else NO_KERNEL
     if prompt_length is not None and spec.kind == "similarity":
         reason = f"prompt_length does not apply: task {task} embeds images only in the timed call"
-        return not_measured(reason, batch_size=batch, device=str(device), simulated=simulated)
+        return not_measured(reason, batch_size=batch, device=str(device), simulated=simulated, kernel=kernel_name)
     rows_df, images = _batch(loaded, table, dataset_root, task, batch)
     if image_size is not None:
         images = resize_longest(images, image_size)
     loaded.model.eval()
-    note = (
-        "simulated variant: weights are fake-quantized in float tensors, so latency and memory are the dense model's"
-        if simulated
-        else None
-    )
+    note = _cost_note(manifest, kernel)
     out: list[dict[str, Any]] = [
         _row(
             "input_image_px_per_sample",
@@ -358,6 +398,7 @@ def _profile(
     df["batch_size"] = batch
     df["device"] = str(device)
     df["simulated"] = simulated
+    df["kernel"] = kernel_name
     return df
 
 
