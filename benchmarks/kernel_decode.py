@@ -42,7 +42,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def build(size: str, device: torch.device, dtype: torch.dtype) -> OPTForCausalLM:
     sizes = SIZES[size]
-    config = OPTConfig(vocab_size=50272, word_embed_proj_dim=sizes["hidden_size"], max_position_embeddings=2048, **sizes)
+    width = sizes["hidden_size"]
+    config = OPTConfig(vocab_size=50272, word_embed_proj_dim=width, max_position_embeddings=2048, **sizes)
     torch.manual_seed(0)
     with torch.device(device):
         model = OPTForCausalLM(config).to(dtype)

@@ -190,14 +190,14 @@ def test_what_the_format_cannot_hold_keeps_float_weights_and_says_why(shapes_tex
     assert all("act-order groups are not contiguous" in why for why in storage["kept_float"].values())
     assert "quantization_config" not in json.loads((tmp_path / "act" / "config.json").read_text())
 
-    # Two schemes in one variant (8 bits for the vision encoder, 4 for the language model).
+    # Two schemes in one variant, one asymmetric (8 bits for the vision encoder, 4 for the language model).
     steps = [
-        {"method": "uniform", "bits": 8, "part": "vision", "symmetric": True},
+        {"method": "uniform", "bits": 8, "part": "vision"},
         {"method": "uniform", "bits": 4, "part": "language", "symmetric": True, **GROUPED},
     ]
     _variant("blip2-opt", steps, shapes_texts, tmp_path / "mixed")
     storage = json.loads((tmp_path / "mixed" / "manifest.json").read_text())["storage"]
-    assert storage["format"] == "float" and "use 2 schemes" in storage["reason"]
+    assert storage["format"] == "float" and "use 2 schemes" in storage["reason"] and "asymmetric" in storage["reason"]
     loaded = load_variant(tmp_path / "mixed")
     assert loaded.model.language_model.model.decoder.layers[0].fc1.weight.dtype == torch.float32
 
@@ -214,7 +214,7 @@ def test_what_the_format_cannot_hold_keeps_float_weights_and_says_why(shapes_tex
     # None of them exports, each with its reason; the command line says the same and writes nothing.
     reasons = {
         "act": "no quantized module can be stored packed (e.g. language_model.model.decoder.layers.0.",
-        "mixed": "is not stored as packed low-bit weights: its quantized modules use 2 schemes",
+        "mixed": "is not stored as packed low-bit weights: its quantized modules use 2 schemes",  # one asymmetric
         "p": "is not stored as packed low-bit weights: no module was quantized",
         "w4a8": "its uniform step(s) leave what plain transformers cannot rebuild",
     }
@@ -229,6 +229,74 @@ def test_what_the_format_cannot_hold_keeps_float_weights_and_says_why(shapes_tex
     )
     assert result.returncode == 1 and "vlmopt export: " in result.stderr and "act-order groups" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# Plain transformers keeps a folder of several schemes compressed and decompresses it on the first
+# forward pass; generate() first needs the decompression called by hand.
+PLAIN_MIXED = r"""
+import sys, torch, transformers
+folder, inputs_file, out = sys.argv[1:]
+inputs = torch.load(inputs_file)
+model = transformers.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+with torch.no_grad():
+    logits = model(**inputs).logits
+again = transformers.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+again.hf_quantizer.compressor.decompress_model(again)
+tokens = again.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+assert not any(m == "vlmopt" or m.startswith("vlmopt.") for m in sys.modules), "vlmopt was imported"
+torch.save({"logits": logits, "tokens": tokens}, out)
+"""
+
+
+def test_symmetric_schemes_of_several_bit_widths_are_packed_in_one_group_each(
+    shapes_texts, shapes_test, shapes_root, blip2_calibration, tmp_path
+):
+    # The seed's GPTQ grid: other bits per part, symmetric, per channel; and a grouped round-to-nearest part.
+    steps = [
+        {"method": "gptq", "bits": 8, "part": "vision", "symmetric": True},
+        {"method": "gptq", "bits": 3, "part": "bridge", "symmetric": True},
+        {"method": "uniform", "bits": 4, "part": "language", "symmetric": True, **GROUPED},
+    ]
+    folder = tmp_path / "mixed"
+    loaded, _ = _variant("blip2-opt", steps, shapes_texts, folder, blip2_calibration)
+    storage = json.loads((folder / "manifest.json").read_text())["storage"]
+    assert storage["format"] == "pack-quantized" and "kept_float" not in storage
+    assert [(s["bits"], s["strategy"]) for s in storage["schemes"]] == [(4, "group"), (3, "channel"), (8, "channel")]
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert "dequantize" not in config and len(config["config_groups"]) == 3
+    tensors = _packed_tensors(folder)
+    for group in config["config_groups"].values():
+        bits = group["weights"]["num_bits"]
+        for module in group["targets"]:
+            rows, columns = tensors[f"{module}.weight_shape"].tolist()
+            assert tensors[f"{module}.weight_packed"].shape == (rows, math.ceil(columns * bits / 32))
+    assert sum(len(g["targets"]) for g in config["config_groups"].values()) == storage["packed_modules"]
+
+    # vlmopt decompresses as it loads: the evaluated model, parameter for parameter.
+    reloaded = load_variant(folder)
+    state, expected_state = reloaded.model.state_dict(), loaded.model.state_dict()
+    assert state.keys() == expected_state.keys()
+    assert all(torch.equal(state[k], expected_state[k]) for k in state)
+    assert not any(hasattr(m, "quantization_scheme") for m in reloaded.model.modules())
+
+    inputs = _inputs(loaded, shapes_test, shapes_root)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        logits = loaded.model(**inputs).logits
+        tokens = loaded.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_MIXED, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "plain.pt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = torch.load(tmp_path / "plain.pt")
+    assert float((plain["logits"] - logits).norm() / logits.norm()) <= 1e-4
+    assert torch.equal(plain["tokens"], tokens)
+    # The exported folder is the same files.
+    exported = export_variant(folder, tmp_path / "exported")
+    assert (exported / "config.json").read_bytes() == (folder / "config.json").read_bytes()
 
 
 def test_a_weight_moved_off_its_grid_or_tied_is_not_packed(shapes_texts):

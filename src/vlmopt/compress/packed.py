@@ -28,9 +28,17 @@ What the format cannot hold keeps the float ("simulated") weights, and the manif
 the loader's arithmetic in the model's dtype would give other values), GPTQ act-order groups that
 are not contiguous (the format has no per-column group index), a weight shared with another
 module (tied embeddings), and a variant whose quantized modules use more than one scheme (bits,
-symmetry, granularity): transformers 5.25 with compressed-tensors 0.20 dequantizes every module of
-such a folder with the first scheme, or needs a forward pass before ``generate``. A packed folder
-is never written that would load as something else.
+symmetry, granularity) when one of them is asymmetric (below). A packed folder is never written
+that would load as something else.
+
+Several schemes (GPTQ with other bits per part) are written as one config group per scheme,
+without ``dequantize``: transformers 5.25 with compressed-tensors 0.20 decodes a ``dequantize``
+folder with its first group's scheme only, so such a folder would load wrong. Without it,
+transformers keeps the modules compressed and decompresses each with its own scheme on the first
+forward pass (exactly; ``generate`` called before any forward pass fails instead, until
+``model.hf_quantizer.compressor.decompress_model(model)`` runs); :func:`vlmopt.compress.saved.load_variant`
+decompresses as it loads. That route cannot load asymmetric modules in 0.20 (it keeps their zero
+points unpacked and refuses the packed ones), so mixes with an asymmetric scheme stay float.
 """
 
 from __future__ import annotations
@@ -169,16 +177,35 @@ class PackPlan:
             if self.kept:
                 out["kept_float"] = dict(sorted(self.kept.items()))
             return out
-        bits, symmetric, strategy, group_size = next(iter(self.packed.values())).record.scheme
         import compressed_tensors
 
-        return {
+        schemes = self.schemes()
+        described = [
+            {"bits": bits, "symmetric": sym, "strategy": strategy, "group_size": group_size, "modules": len(names)}
+            for (bits, sym, strategy, group_size), names in schemes.items()
+        ]
+        out = {
             "format": FORMAT,
             "compressed_tensors": compressed_tensors.__version__,
             "packed_modules": len(self.packed),
-            "scheme": {"bits": bits, "symmetric": symmetric, "strategy": strategy, "group_size": group_size},
-            **({"kept_float": dict(sorted(self.kept.items()))} if self.kept else {}),
         }
+        if len(described) == 1:
+            out["scheme"] = {k: v for k, v in described[0].items() if k != "modules"}
+        else:
+            out["schemes"] = described
+            out["loading"] = (
+                "several schemes: plain transformers decompresses on the first forward pass; call "
+                "model.hf_quantizer.compressor.decompress_model(model) before generate"
+            )
+        return {**out, **({"kept_float": dict(sorted(self.kept.items()))} if self.kept else {})}
+
+    def schemes(self) -> dict[tuple[int, bool, str, int | None], list[str]]:
+        """Each scheme of the packed modules and their names: grouped strategies first, then by bits."""
+        out: dict[tuple[int, bool, str, int | None], list[str]] = {}
+        for name, item in sorted(self.packed.items()):
+            out.setdefault(item.record.scheme, []).append(name)
+        order = sorted(out, key=lambda s: (s[2] != "group", s[2], s[0], not s[1], s[3] or 0))
+        return {scheme: out[scheme] for scheme in order}
 
 
 def _column_groups(record: GridRecord, columns: int) -> torch.Tensor:
@@ -265,14 +292,14 @@ def pack_plan(model: nn.Module, *, refuse: str | None = None) -> PackPlan:
             continue
         candidates[name] = _Packed(record, levels)
     schemes = {p.record.scheme for p in candidates.values()}
-    if len(schemes) > 1:
+    if len(schemes) > 1 and not all(symmetric for _, symmetric, _, _ in schemes):
         listed = ", ".join(_describe(scheme) for scheme in sorted(schemes, key=str))
         plan.reason = (
-            f"its quantized modules use {len(schemes)} schemes ({listed}); with more than one, transformers "
-            "with compressed-tensors 0.20 dequantizes every module with the first scheme or needs a forward "
-            "pass before generating, so the float weights are kept"
+            f"its quantized modules use {len(schemes)} schemes ({listed}), one of them asymmetric; transformers "
+            "with compressed-tensors 0.20 decodes a folder of several schemes with the first one when it "
+            "dequantizes on load, and cannot load asymmetric modules otherwise, so the float weights are kept"
         )
-        plan.kept.update({name: "mixed schemes" for name in candidates})
+        plan.kept.update({name: "several schemes, one asymmetric" for name in candidates})
         return plan
     plan.packed = candidates
     if not candidates:
@@ -313,31 +340,37 @@ def packed_state_dict(model: nn.Module, plan: PackPlan) -> dict[str, torch.Tenso
 
 
 def quantization_config(plan: PackPlan) -> dict[str, Any]:
-    """The ``quantization_config`` of config.json for ``plan``'s packed modules (one scheme).
+    """The ``quantization_config`` of config.json for ``plan``'s packed modules: one config group
+    per scheme, each naming its modules exactly, so that nothing else is read as quantized.
 
-    The targets are the packed modules' exact names, so that nothing else is read as quantized.
-    ``dequantize: true`` has transformers turn the packed weights back into floats as it loads
-    them (on any device; the asymmetric layouts load only that way in compressed-tensors 0.20);
-    a serving stack with low-bit kernels (vLLM) reads the same tensors as they are.
+    With one scheme, ``dequantize: true`` has transformers turn the packed weights back into
+    floats as it loads them (on any device; the asymmetric layouts load only that way in
+    compressed-tensors 0.20). With several, it is left out (see the module docstring). A serving
+    stack with low-bit kernels (vLLM) reads the same tensors as they are.
     """
     if not plan.packed:
         raise ValueError("nothing to pack")
-    bits, symmetric, strategy, group_size = next(iter(plan.packed.values())).record.scheme
-    weights = {
-        "num_bits": bits,
-        "type": "int",
-        "symmetric": symmetric,
-        "strategy": strategy,
-        "group_size": group_size if strategy == "group" else None,
-        "dynamic": False,
-        "actorder": None,
-        "observer": "minmax",
-    }
-    return {
+    groups = {}
+    schemes = plan.schemes()
+    for index, ((bits, symmetric, strategy, group_size), names) in enumerate(schemes.items()):
+        weights = {
+            "num_bits": bits,
+            "type": "int",
+            "symmetric": symmetric,
+            "strategy": strategy,
+            "group_size": group_size if strategy == "group" else None,
+            "dynamic": False,
+            "actorder": None,
+            "observer": "minmax",
+        }
+        groups[f"group_{index}"] = {"targets": names, "weights": weights, "format": FORMAT}
+    config = {
         "quant_method": "compressed-tensors",
         "format": FORMAT,
         "quantization_status": "compressed",
-        "dequantize": True,
-        "config_groups": {"group_0": {"targets": sorted(plan.packed), "weights": weights, "format": FORMAT}},
+        "config_groups": groups,
         "ignore": [],
     }
+    if len(schemes) == 1:
+        config["dequantize"] = True
+    return config

@@ -272,9 +272,43 @@ def load_variant(model_dir: str | Path, *, dtype: str | None = None) -> Any:
             loaded = load_model(model_dir, dtype=dtype, config_overrides=overrides)
     finally:
         hf_logging.set_verbosity(level)
+    decompress_packed(loaded.model)
     if manifest is not None:
         restore_methods(loaded, manifest, model_dir)
     return loaded
+
+
+#: What compressed-tensors leaves on a module it decompressed: parameters and attributes.
+_CT_PARAMETERS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_packed")
+_CT_ATTRIBUTES = ("quantization_scheme", "quantization_status", "forward", "_original_forward_func", "is_staged")
+
+
+def decompress_packed(model: Any) -> int:
+    """Turn the modules that transformers keeps compressed (a packed folder of several schemes, loaded
+    without ``dequantize``) into plain Linears with their float weights, as the variant was evaluated;
+    returns how many. A model loaded with ``dequantize`` (one scheme) or without packed modules is left
+    as it is.
+    """
+    kept = [m for m in model.modules() if hasattr(m, "quantization_scheme")]
+    if not kept:
+        return 0
+    quantizer = getattr(model, "hf_quantizer", None)
+    compressor = getattr(quantizer, "compressor", None)
+    if compressor is None:
+        raise ValueError("the model holds compressed-tensors modules but no compressor to decompress them")
+    from compressed_tensors.quantization import QuantizationStatus
+
+    if any(getattr(m, "quantization_status", None) == QuantizationStatus.COMPRESSED for m in kept):
+        compressor.decompress_model(model)
+    for module in kept:
+        for name in _CT_PARAMETERS:
+            if name in module._parameters:
+                del module._parameters[name]
+            if name in module._buffers:
+                del module._buffers[name]
+        for name in _CT_ATTRIBUTES:
+            module.__dict__.pop(name, None)
+    return len(kept)
 
 
 class NotExportable(ValueError):
