@@ -17,6 +17,8 @@ rule compress:
         # Progress of long steps (LoRA training, GPTQ, AWQ) outside the output, so that a killed
         # job's rerun resumes it; removed once the variant is saved.
         work="results/checkpoints/compress/{model}/{ft}/{variant}",
+        # Weight files that variants have in common, each on disk once (vlmopt.compress.sharing).
+        share="results/models/.shared",
     script:
         "../workflow/scripts/compress.py"
 

@@ -8,4 +8,5 @@ compress_model(
     data_root="resources/data",
     work_dir=snakemake.params.work,
     code=snakemake.params.code,
+    share=snakemake.params.share,
 )

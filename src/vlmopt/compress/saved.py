@@ -186,7 +186,14 @@ def restore_methods(loaded: Any, manifest: Mapping[str, Any], folder: str | Path
     _run_hooks([hook for _, hook in hooks], loaded.model, loaded.parts(), manifest, Path(folder))
 
 
-def save_variant(loaded: Any, out_dir: str | Path, manifest: dict[str, Any], *, inputs_hash: str) -> Path:
+def save_variant(
+    loaded: Any,
+    out_dir: str | Path,
+    manifest: dict[str, Any],
+    *,
+    inputs_hash: str,
+    share: str | Path | None = None,
+) -> Path:
     """Save a model that :func:`~vlmopt.compress.variant.apply_variant` changed (``defer_runtime=True``)
     to ``out_dir`` with its ``manifest.json`` (plus the serialized size, ``inputs_hash`` and
     ``storage``: how the weights are stored, :meth:`vlmopt.compress.packed.PackPlan.summary`, and
@@ -199,6 +206,10 @@ def save_variant(loaded: Any, out_dir: str | Path, manifest: dict[str, Any], *, 
     is the model as :func:`load_variant` reads it back. When a step's method is not
     ``plain_loadable``, ``config.json`` gets the :data:`PLAIN_LOAD_KEY` marker, so that plain
     transformers refuses the folder and names :func:`load_variant`.
+
+    With ``share`` (a store folder), the weights are written one file per module group and each
+    file already in the store is a hard link to it (:func:`vlmopt.compress.sharing.share_weights`):
+    what a variant leaves unchanged is on disk once for all the variants of a base model.
     """
     from vlmopt.compress.manifest import serialized_size, write_manifest
     from vlmopt.compress.methods import METHODS
@@ -218,6 +229,10 @@ def save_variant(loaded: Any, out_dir: str | Path, manifest: dict[str, Any], *, 
     if plan.packed:
         _edit_config(out_dir, {"quantization_config": quantization_config(plan)})
     storage = {**plan.summary(), "weight_bytes": _weight_bytes(out_dir)}
+    if share is not None:
+        from vlmopt.compress.sharing import share_weights
+
+        storage["weight_files"] = share_weights(out_dir, share)["files"]
     if plan.reason and plan.kept:
         log.warning("the variant is stored with float weights: %s", plan.reason)
     elif plan.kept:

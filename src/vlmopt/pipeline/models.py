@@ -108,6 +108,7 @@ def compress_model(
     device: str | None = None,
     work_dir: str | Path | None = None,
     code: str | None = None,
+    share: str | Path | None = None,
 ) -> dict[str, Any]:
     """Apply a variant's compression steps and save the model with its ``manifest.json``.
 
@@ -120,7 +121,9 @@ def compress_model(
     With ``work_dir``, long steps keep their progress there (:class:`~vlmopt.compress.step.StepWork`),
     so that a killed job resumes them; what they keep is fingerprinted with the base model folder's
     digest, the digests of the split tables the steps read, the steps and ``code`` (the stage's code
-    digest). ``work_dir`` is removed once the variant is saved.
+    digest). ``work_dir`` is removed once the variant is saved. With ``share`` (a store folder), the
+    weight files the variant has in common with others are hard links to one copy there
+    (:mod:`vlmopt.compress.sharing`).
     """
     from vlmopt.checkpoints import folder_fingerprint
     from vlmopt.compress import step_datasets
@@ -147,7 +150,9 @@ def compress_model(
         work = StepWork(Path(work_dir), inputs)
     loaded = load_model(model_dir)
     place(loaded.model, device)
-    manifest = compress_loaded(loaded, out_dir, steps=steps, data_root=data_root, source=model_dir, work=work)
+    manifest = compress_loaded(
+        loaded, out_dir, steps=steps, data_root=data_root, source=model_dir, work=work, share=share
+    )
     if work_dir is not None:
         shutil.rmtree(work_dir, ignore_errors=True)
     return manifest
@@ -161,13 +166,15 @@ def compress_loaded(
     data_root: str | Path = "resources/data",
     source: str | Path | None = None,
     work: Any = None,
+    share: str | Path | None = None,
 ) -> dict[str, Any]:
     """:func:`compress_model` on a model already in memory, which is changed in place.
 
     The steps run on the model's device; on return ``loaded`` is the model as
     :func:`~vlmopt.compress.saved.load_variant` reads it back from ``out_dir``, on the CPU (runtime
     steps applied, kept adapters attached). ``source`` is the folder it was loaded from, hashed into the manifest;
-    ``work`` (a :class:`~vlmopt.compress.step.StepWork`) is where long steps keep their progress.
+    ``work`` (a :class:`~vlmopt.compress.step.StepWork`) is where long steps keep their progress;
+    ``share`` the store of weight files shared between variants.
     """
     from vlmopt.compress import TrainingData, apply_variant
     from vlmopt.compress.calibration import Calibration
@@ -198,7 +205,7 @@ def compress_loaded(
         work=work,
     )
     inputs = {"model": folder_digest(source) if source is not None else None, "steps": steps}
-    save_variant(loaded, out_dir, manifest, inputs_hash=config_hash(inputs))
+    save_variant(loaded, out_dir, manifest, inputs_hash=config_hash(inputs), share=share)
     return manifest
 
 
