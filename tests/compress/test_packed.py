@@ -124,18 +124,19 @@ def test_packed_variants_load_in_plain_transformers_with_vlmopts_logits_in_bits_
         config = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
         if step["method"] == "awq":
-            # A group whose fold was refused stores Q(W * s) / s, on no grid, and stays float: one
-            # group of BLIP-2's 6 Linears x 3 OPT layers; most of BLIP's post-norm BERT layers, whose
-            # query/key/value and feed-forward inputs follow no norm or Linear to fold into. A fold
-            # target's grid narrows by the scales it took.
+            # A group whose fold was refused stores Q(W * s) / s, on no grid, and stays float (most of
+            # BLIP's post-norm BERT layers, whose query/key/value and feed-forward inputs follow no norm
+            # or Linear to fold into), unless its searched scales are all 1 (Q(W), on its grid: the one
+            # such group of tiny BLIP-2). A fold target's grid narrows by the scales it took.
             modules = manifest["steps"][0]["modules"]
-            unfolded = sum(m["scale_folded_into"] == "weight" for m in modules)
-            assert storage["packed_modules"] + unfolded == len(modules) and storage["packed_modules"] > 0
-            assert family != "blip2-opt" or (len(modules) == 6 * 3 and storage["packed_modules"] > 6)
+            unfolded = {m["name"] for m in modules if m["scale_folded_into"] == "weight"}
+            unit = {m["name"] for m in modules if m["name"] in unfolded and m["alpha"] == 0}
+            kept = storage.pop("kept_float", {})
+            assert set(kept) == unfolded - unit and all("no fold" in why for why in kept.values())
+            assert storage["packed_modules"] + len(kept) == len(modules) and storage["packed_modules"] > 0
+            assert family != "blip2-opt" or (len(modules) == 6 * 3 and storage["packed_modules"] == 18 and unit)
             taken = {m["name"] for m in modules if m.get("holds_scales_of") and m["scale_folded_into"] != "weight"}
             assert taken <= set(config["config_groups"]["group_0"]["targets"]) and (taken or family == "blip")
-            kept = storage.pop("kept_float", {})
-            assert len(kept) == unfolded and all("no fold" in why for why in kept.values())
         assert "kept_float" not in storage
 
         # The quantized Linears' tensors: bits/32 of their float32 bytes, plus scales and zero points.

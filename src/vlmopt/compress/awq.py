@@ -326,7 +326,9 @@ def apply_awq(model: nn.Module, refs: list[ModuleRef], config: AWQConfig, inputs
         if config.fold and layer is not None:
             _fold_groups(model, layer, scale_groups, trace, owners)
         for g in scale_groups:
-            if g.folded_into != "weight":  # the Linears store Q(W * s) itself: its grid, for packed storage
+            unit = bool((g.result.scales == 1).all()) and not any(r.name in g.row_divisors for r in g.refs)
+            if g.folded_into != "weight" or unit:
+                # The Linears store Q(W * s) itself (with unit scales, Q(W)): its grid, for packed storage.
                 _record_grids(g, config.bits, config.group_size)
             else:
                 for ref in g.refs:
