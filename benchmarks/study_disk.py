@@ -72,7 +72,7 @@ def _configs() -> dict[str, tuple[str, Any]]:
     )
     itm = Blip2Config(
         vision_config=vision.to_dict(),
-        qformer_config=Blip2QFormerConfig(encoder_hidden_size=1408).to_dict(),
+        qformer_config=Blip2QFormerConfig(encoder_hidden_size=1408, use_qformer_text_input=True).to_dict(),
         num_query_tokens=32,
         image_text_hidden_size=256,
     )
