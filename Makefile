@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vlmopt-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# auto: the CUDA build where nvidia-smi sees a GPU, else the CPU build. On a cluster, install from a
+# login node (no GPU) for GPU jobs with `make install TORCH_BUILD=cuda`; TORCH_BUILD=cpu forces the CPU build.
+TORCH_BUILD ?= auto
 CORES ?= all
 
 .PHONY: install demo test lint format report clean
@@ -20,7 +23,8 @@ $(STAMP): pyproject.toml
 	@# A local CPU wheel if pip is configured with one (find-links; its dependencies come with the
 	@# project below), else the CPU build from the PyTorch index; with a GPU, the default (CUDA)
 	@# build. Installing torch first stops other packages pulling the CUDA build.
-	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	@case "$(TORCH_BUILD)" in auto|cpu|cuda) ;; *) echo "TORCH_BUILD must be auto, cpu or cuda, not '$(TORCH_BUILD)'"; exit 2;; esac
+	if [ "$(TORCH_BUILD)" = cuda ] || { [ "$(TORCH_BUILD)" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then \
 		$(PY) -m pip install --quiet torch==$(TORCH_VERSION); \
 	else \
 		$(PY) -m pip install --quiet --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null || \

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import warnings
 
 import pytest
@@ -119,3 +121,130 @@ def test_generation_gets_its_inputs_on_the_models_device(shapes_texts, shapes_te
     out = predict(loaded, shapes_test.head(6), shapes_root, "captioning", batch_size=4, generate_kwargs={})
     assert list(out["prediction"]) == ["a shape"] * 6
     assert seen and all(types == {"meta"} for types in seen), seen
+
+
+@pytest.mark.parametrize(
+    ("environ", "given"),
+    [
+        ({"SLURM_JOB_GPUS": "3"}, "SLURM_JOB_GPUS=3"),
+        ({"SLURM_STEP_GPUS": "0,1"}, "SLURM_STEP_GPUS=0,1"),
+        ({"CUDA_VISIBLE_DEVICES": "0"}, "CUDA_VISIBLE_DEVICES=0"),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-8f1c"}, "CUDA_VISIBLE_DEVICES=GPU-8f1c"),
+        ({"CUDA_VISIBLE_DEVICES": ""}, None),
+        ({"CUDA_VISIBLE_DEVICES": "-1"}, None),
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, None),
+        ({"SLURM_JOB_GPUS": ""}, None),
+        ({}, None),
+    ],
+)
+def test_which_environments_give_a_gpu(environ, given):
+    from vlmopt.device import gpus_given
+
+    assert gpus_given(environ) == given
+
+
+def _clear_gpu_variables(monkeypatch):
+    for name in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES", "VLMOPT_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_job_given_a_gpu_that_torch_cannot_use_stops_at_once_naming_the_build(monkeypatch, tmp_path):
+    """The environment SLURM sets for a GPU job, with a torch that sees no CUDA device."""
+    from vlmopt.device import resolve_device
+    from vlmopt.pipeline import start_job
+
+    _clear_gpu_variables(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setenv("SLURM_JOB_GPUS", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    # start_job sets the thread share of the process: restored afterwards.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    stderr = sys.stderr
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            start_job(tmp_path / "job.log")
+    finally:
+        sys.stderr.close()
+        sys.stderr = stderr
+    message = str(caught.value)
+    assert "given a GPU (SLURM_JOB_GPUS=2)" in message and f"torch {torch.__version__} (CPU-only build)" in message
+    assert "make install TORCH_BUILD=cuda" in message and "environment-gpu.yml" in message
+    assert "VLMOPT_DEVICE=cpu" in message
+    with pytest.raises(RuntimeError, match="cannot use it, so it would run on the CPU"):
+        resolve_device("auto")
+    # On purpose on the CPU: no error.
+    monkeypatch.setenv("VLMOPT_DEVICE", "cpu")
+    assert resolve_device() == torch.device("cpu")
+    start_job(tmp_path / "cpu.log")
+    sys.stderr.close()
+    sys.stderr = stderr
+    # No GPU given: auto is the CPU, as before.
+    _clear_gpu_variables(monkeypatch)
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+MAKE_STUB = """#!/bin/sh
+echo "$@" >> "{log}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("build", "nvidia_smi", "cuda"),
+    [("cuda", False, True), ("cpu", True, False), ("auto", True, True), ("auto", False, False)],
+)
+def test_make_install_picks_the_torch_build(build, nvidia_smi, cuda, tmp_path):
+    """`make install` run with a stand-in Python that records its pip commands (nothing installed)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    log, stub, bin_dir = tmp_path / "pip.log", tmp_path / "python", tmp_path / "bin"
+    stub.write_text(MAKE_STUB.format(log=log))
+    stub.chmod(0o755)
+    bin_dir.mkdir()
+    if nvidia_smi:  # a login node has none; a GPU node's lists a GPU
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200'\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    result = subprocess.run(
+        ["make", "-C", str(root), "install", f"VENV={venv}", f"PY={stub}", f"TORCH_BUILD={build}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    torch_lines = [line for line in log.read_text().splitlines() if "torch==" in line]
+    assert torch_lines
+    if cuda:
+        assert torch_lines == ["-m pip install --quiet torch==2.13.0"]
+    else:
+        assert all("--index-url" in line or "--no-index" in line for line in torch_lines)
+
+
+def test_make_install_refuses_an_unknown_torch_build(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    stub = tmp_path / "python"
+    stub.write_text(MAKE_STUB.format(log=tmp_path / "pip.log"))
+    stub.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        ["make", "-C", str(root), "install", f"VENV={tmp_path}", f"PY={stub}", "TORCH_BUILD=rocm"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "TORCH_BUILD must be auto, cpu or cuda, not 'rocm'" in result.stdout

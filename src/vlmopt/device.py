@@ -5,7 +5,11 @@ Every stage that runs a model (finetuning, compression, inference, labeling) pla
 stage's ``device`` argument or, when that is None, the ``VLMOPT_DEVICE`` environment variable:
 
 - ``auto`` (the default): ``cuda`` when torch sees a GPU, else ``cpu``. A SLURM job that asked for
-  ``gpu: 1`` sees only its own GPU (``CUDA_VISIBLE_DEVICES``), as ``cuda:0``.
+  ``gpu: 1`` sees only its own GPU (``CUDA_VISIBLE_DEVICES``), as ``cuda:0``. A job that was given
+  a GPU (:func:`gpus_given`: ``SLURM_JOB_GPUS`` or ``SLURM_STEP_GPUS`` set, or
+  ``CUDA_VISIBLE_DEVICES`` naming a device) whose torch cannot use CUDA (a CPU build, installed on
+  a login node without GPUs) is an error naming the torch build and how to install the CUDA one,
+  not a silent run on the CPU; ``VLMOPT_DEVICE=cpu`` runs it on the CPU on purpose.
 - ``cpu``, ``cuda`` or ``cuda:N``: that device; asking for CUDA where torch sees none is an error
   rather than a silent fall-back to the CPU.
 
@@ -28,8 +32,10 @@ from torch import nn
 __all__ = [
     "ENV",
     "cpu_only_reason",
+    "gpus_given",
     "model_device",
     "place",
+    "require_usable_gpu",
     "resolve_device",
     "to_model_device",
     "variant_cpu_reason",
@@ -41,13 +47,62 @@ log = logging.getLogger(__name__)
 ENV = "VLMOPT_DEVICE"
 
 
+#: Environment variables through which a scheduler hands a job its GPUs.
+GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+
+
+def gpus_given(environ: Any = None) -> str | None:
+    """The variable (``NAME=value``) through which this job was given a GPU, or None.
+
+    ``SLURM_JOB_GPUS`` / ``SLURM_STEP_GPUS`` count when non-empty; ``CUDA_VISIBLE_DEVICES`` when
+    its first entry names a device (an index or a UUID; empty, ``-1`` or ``NoDevFiles`` hide them all).
+    """
+    environ = os.environ if environ is None else environ
+    for name in GPU_VARIABLES:
+        value = (environ.get(name) or "").strip()
+        if not value:
+            continue
+        first = value.split(",")[0].strip()
+        if name == "CUDA_VISIBLE_DEVICES" and (not first or first.startswith("-") or first == "NoDevFiles"):
+            continue
+        return f"{name}={value}"
+    return None
+
+
+def _cuda_missing_message(given: str) -> str:
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    return (
+        f"this job was given a GPU ({given}) but torch {torch.__version__} ({build}) cannot use it, so it "
+        "would run on the CPU. Install the CUDA build of torch in the job's environment: "
+        "`make install TORCH_BUILD=cuda` (rebuild .venv first: rm -rf .venv), or "
+        "`conda env create -f environment-gpu.yml`, or `pip install --force-reinstall torch==<version>` "
+        "from PyPI. With a CUDA build this means the node's driver does not work with it (check nvidia-smi). "
+        f"To run on the CPU on purpose, set {ENV}=cpu."
+    )
+
+
+def require_usable_gpu() -> None:
+    """Stop a job that was given a GPU its torch cannot use (see the module docstring), unless
+    ``VLMOPT_DEVICE`` is ``cpu``; run at the start of every pipeline job."""
+    if (os.environ.get(ENV) or "").strip().lower() == "cpu":
+        return
+    given = gpus_given()
+    if given is not None and not torch.cuda.is_available():
+        raise RuntimeError(_cuda_missing_message(given))
+
+
 def resolve_device(setting: str | torch.device | None = None) -> torch.device:
     """The device that ``setting`` (else ``$VLMOPT_DEVICE``, else ``auto``) names on this machine."""
     if isinstance(setting, torch.device):
         return setting
     text = (setting if setting is not None else os.environ.get(ENV) or "auto").strip().lower()
     if text == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        given = gpus_given()
+        if given is not None:
+            raise RuntimeError(_cuda_missing_message(given))
+        return torch.device("cpu")
     try:
         device = torch.device(text)
     except RuntimeError as exc:

@@ -59,7 +59,7 @@ def calls(monkeypatch):
 def test_nvml_energy_minus_idle_power_times_duration(monkeypatch, calls):
     nvml = fake_pynvml(energy_mj=[1_000_000, 1_500_000], power_mw=[30_000, 34_000], log=calls)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    meter = EnergyMeter("cuda:0", idle_s=0.02, idle_interval_s=0.01, timer=scripted_timer(10.0, 12.5))
+    meter = EnergyMeter("cuda:0", idle_s=0.02, idle_interval_s=0.01, settle_s=0, timer=scripted_timer(10.0, 12.5))
     with meter:
         calls.append("body")
     result = meter.result
@@ -80,6 +80,58 @@ def test_nvml_energy_minus_idle_power_times_duration(monkeypatch, calls):
         ("energy", "handle"),
         ("shutdown",),
     ]
+
+
+def test_idle_power_is_taken_once_the_gpu_has_settled(monkeypatch, calls):
+    # Right after earlier work the board still draws 180 W, falling to 80 W: windows of 2 samples.
+    falling = [190_000, 170_000, 140_000, 120_000, 95_000, 85_000, 80_500, 79_500, 80_000, 80_000]
+    nvml = fake_pynvml(energy_mj=[0, 300_000], power_mw=falling, log=calls)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(energy_module.time, "sleep", lambda seconds: None)
+    with EnergyMeter("cuda:0", idle_s=0.2, idle_interval_s=0.1, timer=scripted_timer(0.0, 2.0)) as meter:
+        pass
+    result = meter.result
+    # Windows: 180, 130, 90, 80, 80 W; the fourth is 10 W below the third, the fifth not below the fourth.
+    assert result.idle_w == 80.0 and "power settled after 0.8 s" in result.method
+    assert result.total_j == 300.0 and result.energy_j == 140.0  # 300 J - 80 W x 2 s
+    assert sum(entry[0] == "power" for entry in calls if isinstance(entry, tuple)) == 10
+
+
+def test_idle_power_taken_too_early_gives_no_negative_energy(monkeypatch, calls):
+    """The measured failure: idle power sampled right after work (180 W) above the region's mean (150 W)."""
+    nvml = fake_pynvml(energy_mj=[0, 300_000], power_mw=[190_000, 170_000, 150_000, 130_000], log=calls)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(energy_module.time, "sleep", lambda seconds: None)
+    meter = EnergyMeter("cuda:0", idle_s=0.2, idle_interval_s=0.1, settle_s=0, timer=scripted_timer(0.0, 2.0))
+    with meter:
+        pass
+    result = meter.result
+    assert result.energy_j is None and result.total_j == 300.0 and result.idle_w == 180.0
+    assert result.reason == (
+        "net energy below zero: idle power 180.0 W is above the region's mean power 150.0 W "
+        "(the device had not settled when idle power was taken)"
+    )
+    # With a bounded wait that ends while power still falls, the method says so.
+    nvml = fake_pynvml(energy_mj=[0, 300_000], power_mw=[190_000, 170_000, 150_000, 130_000], log=calls)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    meter = EnergyMeter("cuda:0", idle_s=0.2, idle_interval_s=0.1, settle_s=0.2, timer=scripted_timer(0.0, 2.0))
+    with meter:
+        pass
+    assert meter.result.idle_w == 140.0
+    assert "power still falling after 0.2 s (180.0 W -> 140.0 W)" in meter.result.method
+    assert meter.result.energy_j == 20.0
+
+
+def test_a_counter_that_did_not_advance_gives_no_energy(monkeypatch, calls):
+    """NVML updates its energy counter periodically: a region shorter than that reads 0 J."""
+    nvml = fake_pynvml(energy_mj=[5_000_000, 5_000_000], log=calls)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with EnergyMeter("cuda:0", idle_w=80.0, timer=scripted_timer(0.0, 0.02)) as meter:
+        assert meter.measuring
+    result = meter.result
+    assert result.energy_j is None and result.total_j == 0.0
+    assert result.reason == "the energy counter did not advance over the 0.02 s region; time longer work"
+    assert not meter.measuring
 
 
 def test_nvml_follows_cuda_visible_devices(monkeypatch, calls):
@@ -125,7 +177,7 @@ def test_missing_pynvml_gives_none_and_the_reason(monkeypatch, calls):
     ],
 )
 def test_nvml_errors_give_none_and_the_reason(monkeypatch, calls, fail, reason):
-    nvml = fake_pynvml(energy_mj=[0, 1000], power_mw=[1000], log=calls, fail=fail)
+    nvml = fake_pynvml(energy_mj=[0, 1000], power_mw=[1000, 1000], log=calls, fail=fail)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     with EnergyMeter("cuda:0", idle_s=0.01, idle_interval_s=0.01, timer=scripted_timer(0.0, 1.0)) as meter:
         pass
@@ -179,7 +231,7 @@ def test_rapl_idle_power_is_subtracted(tmp_path, monkeypatch):
     p0 = make_zone(tmp_path, "package-0", 0, 0)
     monkeypatch.setattr(energy_module.time, "sleep", lambda seconds: set_energy(p0, 1_000_000))
     timer = scripted_timer(100.0, 100.5, 101.0, 103.0)  # idle window 0.5 s, region 2 s
-    with EnergyMeter(powercap_root=tmp_path, idle_s=0.5, timer=timer) as meter:
+    with EnergyMeter(powercap_root=tmp_path, idle_s=0.5, settle_s=0, timer=timer) as meter:
         set_energy(p0, 11_000_000)
     result = meter.result
     assert result.idle_w == 2.0  # 1 J over 0.5 s

@@ -38,6 +38,8 @@ GENERATIVE_MEASURES = {
     "peak_mem_mb",
     "peak_mem_delta_mb",
     "energy_j_per_sample",
+    "energy_gross_j_per_sample",
+    "idle_power_w",
     "gflops_per_sample",
     "gflops_prefill_per_sample",
     "gflops_per_token_per_sample",
@@ -221,3 +223,43 @@ def test_the_batch_skips_unreadable_images_and_reads_no_further_than_it_needs(
     ]
     assert len(opened) == 7  # two batches of 4 (the missing path once per batch), not the split's 24
     assert caplog.text.count("profiling skips") == 2
+
+
+class _FakeMeter:
+    """An EnergyMeter stand-in whose counter reads: 4 J a second of region, idle 1 W."""
+
+    def __init__(self, device, idle_s):
+        self.measuring = False
+
+    def __enter__(self):
+        import time
+
+        self.measuring, self.start = True, time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        from vlmopt.profiling.energy import EnergyResult
+
+        seconds = time.perf_counter() - self.start
+        self.measuring = False
+        self.result = EnergyResult(4.0 * seconds - seconds, 4.0 * seconds, 1.0, seconds, "fake counter", "cpu")
+
+
+def test_a_read_counter_gets_at_least_energy_min_s_of_work_and_three_energy_rows(
+    blip, shapes_test, shapes_root, monkeypatch
+):
+    monkeypatch.setattr("vlmopt.profiling.variant.EnergyMeter", _FakeMeter)
+    settings = {"warmup": 0, "repeats": 1, "energy_idle_s": 0.0, "energy_min_s": 1.0}
+    df = measure(blip, shapes_test, shapes_root, "captioning", settings=settings, generation=GENERATION)
+    rows = df.set_index("measure")
+    calls = int(rows.loc["energy_j_per_sample", "method"].split("; ")[1].split(" calls")[0])
+    seconds = float(rows.loc["energy_j_per_sample", "method"].split(" over ")[1].split(" s")[0])
+    # One call of the tiny model takes well under a second: more calls than repeats, a second of work.
+    method = rows.loc["energy_j_per_sample", "method"]
+    assert calls > 1 and seconds >= 1.0 and "more than repeats, to last 1 s" in method
+    # Net = gross - idle x time, per sample (batch 1).
+    assert rows.loc["energy_gross_j_per_sample", "value"] == pytest.approx(4.0 * seconds / calls, rel=0.01)
+    assert rows.loc["energy_j_per_sample", "value"] == pytest.approx(3.0 * seconds / calls, rel=0.01)
+    assert rows.loc["idle_power_w", "value"] == 1.0

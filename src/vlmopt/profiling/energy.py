@@ -16,6 +16,16 @@ after the idle share.
   hours, depending on power) is undercounted. Package energy includes every process on the
   package. Idle power is the package energy over ``idle_s`` seconds of sleep divided by that time.
 
+Idle power is taken once the device has settled: right after heavy work a GPU's power stays high
+for seconds, and subtracting it gave negative energy. The meter measures windows of ``idle_s``
+seconds until a window's mean power is no more than ``settle_tolerance_w`` below the window
+before it, for at most ``settle_s`` seconds (``method`` says how long it waited, or that power was
+still falling). A result that cannot be right is not reported: a counter that did not advance
+over the region (NVML updates it periodically; time a second or more of work, as
+:attr:`EnergyMeter.measuring` lets a caller do), or a net energy below zero (idle power above the
+region's mean power), gives ``energy_j=None`` with the reason, while ``total_j`` (gross) and
+``idle_w`` stay readable.
+
 Where a backend cannot be used (no ``pynvml``, no NVML library, no powercap tree, a counter that
 is not readable) the result has ``energy_j=None`` and ``reason`` says why; nothing is estimated.
 """
@@ -45,7 +55,9 @@ class EnergyResult:
     """Energy of a region in ``unit`` (``J``, or ``J/sample`` after :func:`per_sample_energy`).
 
     ``energy_j`` is ``total_j - idle_w * seconds``; both are None with ``reason`` set when the
-    energy could not be measured. ``idle_w`` is None when no idle power was subtracted.
+    energy could not be measured, and ``energy_j`` alone is None (with the reason) when the counter
+    did not advance or the net energy came out below zero. ``idle_w`` is None when no idle power
+    was subtracted.
     """
 
     energy_j: float | None
@@ -180,10 +192,12 @@ class _Rapl:
 class EnergyMeter:
     """Context manager measuring the energy of its body on ``device`` (default CPU).
 
-    ``idle_s`` seconds of idle power are measured on entry (default 1.0; 0 subtracts nothing);
-    pass ``idle_w`` to reuse an idle power measured earlier instead. After the ``with`` block,
-    :attr:`result` holds an :class:`EnergyResult`. ``powercap_root`` is where RAPL zones are
-    looked up; ``timer`` returns seconds.
+    ``idle_s`` seconds of idle power are measured on entry (default 1.0; 0 subtracts nothing),
+    once power has stopped falling (windows of ``idle_s`` until one is at most
+    ``settle_tolerance_w`` below the one before, for up to ``settle_s`` seconds; 0 takes the first
+    window); pass ``idle_w`` to reuse an idle power measured earlier instead. After the ``with``
+    block, :attr:`result` holds an :class:`EnergyResult`. ``powercap_root`` is where RAPL zones
+    are looked up; ``timer`` returns seconds.
     """
 
     def __init__(
@@ -193,6 +207,8 @@ class EnergyMeter:
         idle_s: float = 1.0,
         idle_w: float | None = None,
         idle_interval_s: float = 0.1,
+        settle_s: float = 10.0,
+        settle_tolerance_w: float = 1.0,
         powercap_root: str | os.PathLike[str] = DEFAULT_POWERCAP_ROOT,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -205,6 +221,11 @@ class EnergyMeter:
             raise ValueError(f"idle_interval_s must be > 0 seconds, got {idle_interval_s}")
         if idle_w is not None and not idle_w >= 0:
             raise ValueError(f"idle_w must be >= 0 watts, got {idle_w}")
+        if not settle_s >= 0 or not settle_tolerance_w >= 0:
+            raise ValueError(f"settle_s and settle_tolerance_w must be >= 0, got {settle_s} and {settle_tolerance_w}")
+        self.settle_s = float(settle_s)
+        self.settle_tolerance_w = float(settle_tolerance_w)
+        self._settled = ""
         self.idle_s = float(idle_s)
         self.idle_w = idle_w
         self.idle_interval_s = float(idle_interval_s)
@@ -229,14 +250,36 @@ class EnergyMeter:
             return _Nvml(self.device)
         return _Rapl(self.powercap_root)
 
+    @property
+    def measuring(self) -> bool:
+        """Inside the ``with`` block: whether a counter is being read (False: the result will be None)."""
+        return self._backend is not None
+
+    def _window(self, backend: _Nvml | _Rapl) -> float:
+        if isinstance(backend, _Nvml):
+            return backend.idle_w(self.idle_s, self.idle_interval_s)
+        return backend.idle_w(self.idle_s, self.timer)
+
     def _measure_idle(self, backend: _Nvml | _Rapl) -> float | None:
+        self._settled = ""
         if self.idle_w is not None:
             return float(self.idle_w)
         if self.idle_s == 0:
             return None
-        if isinstance(backend, _Nvml):
-            return backend.idle_w(self.idle_s, self.idle_interval_s)
-        return backend.idle_w(self.idle_s, self.timer)
+        power = self._window(backend)
+        if self.settle_s == 0:
+            return power
+        waited = 0.0
+        while True:
+            later = self._window(backend)
+            waited += self.idle_s
+            if power - later <= self.settle_tolerance_w:
+                self._settled = f"; power settled after {waited:g} s"
+                return later
+            if waited >= self.settle_s:
+                self._settled = f"; power still falling after {waited:g} s ({power:.1f} W -> {later:.1f} W)"
+                return later
+            power = later
 
     def _method_text(self, backend: _Nvml | _Rapl) -> str:
         if isinstance(backend, _Nvml):
@@ -247,7 +290,7 @@ class EnergyMeter:
             return f"{base}; idle power given ({self.idle_w:g} W)"
         if self.idle_s == 0:
             return f"{base}; no idle power subtracted"
-        return f"{base}; idle power over {self.idle_s:g} s before the region"
+        return f"{base}; idle power over {self.idle_s:g} s before the region{self._settled}"
 
     def __enter__(self) -> EnergyMeter:
         self._result = None
@@ -258,8 +301,8 @@ class EnergyMeter:
             self._reason = str(exc)
         else:
             try:
-                self._method = self._method_text(backend)
                 self._idle = self._measure_idle(backend)
+                self._method = self._method_text(backend)
                 self._before = backend.read_j() if isinstance(backend, _Nvml) else backend.read_uj()
                 self._backend = backend
             except _Unavailable as exc:
@@ -288,14 +331,24 @@ class EnergyMeter:
                 backend.close()
                 self._backend = None
         idle = self._idle if total is not None else None
+        net = None if total is None else total - (idle * seconds if idle is not None else 0.0)
+        reason = self._reason if total is None else None
+        if total is not None and total <= 0:
+            net, reason = None, f"the energy counter did not advance over the {seconds:.3g} s region; time longer work"
+        elif net is not None and net < 0:
+            reason = (
+                f"net energy below zero: idle power {idle:.1f} W is above the region's mean power "
+                f"{total / seconds:.1f} W (the device had not settled when idle power was taken)"
+            )
+            net = None
         self._result = EnergyResult(
-            energy_j=None if total is None else total - (idle * seconds if idle is not None else 0.0),
+            energy_j=net,
             total_j=total,
             idle_w=idle,
             seconds=seconds,
             method=self._method,
             device=str(self.device),
-            reason=self._reason if total is None else None,
+            reason=reason,
         )
 
 

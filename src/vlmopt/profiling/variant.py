@@ -38,6 +38,7 @@ packed Linear ran on it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ DEFAULTS: dict[str, Any] = {
     "warmup": 3,
     "repeats": 10,
     "energy_idle_s": 1.0,
+    # Seconds of work the energy region lasts at least, where a counter is read.
+    "energy_min_s": 1.0,
     "compile_backend": "inductor",
     # Run packed variants' Linears through a low-bit kernel where one exists (vlmopt.compress.kernels).
     "kernels": True,
@@ -352,20 +355,43 @@ def _profile(
     out.append(_row("peak_mem_delta_mb", peak.peak_delta_mb, peak.unit, f"one call, above the start; {peak.method}"))
 
     meter = EnergyMeter(device, idle_s=float(settings["energy_idle_s"]))
+    minimum = float(settings["energy_min_s"])
+    calls = 0
     with meter:
-        for _ in range(settings["repeats"]):
+        start = time.perf_counter()
+        # At least `repeats` calls and, where a counter is read, `energy_min_s` of work: NVML's
+        # counter advances periodically, so a shorter region reads too little or nothing.
+        while calls < settings["repeats"] or (meter.measuring and time.perf_counter() - start < minimum):
             full()
+            calls += 1
     energy = meter.result
-    n = settings["repeats"] * batch
-    out.append(
+    n = calls * batch
+    region = f"{calls} calls of {batch} samples over {energy.seconds:.2f} s"
+    if calls > settings["repeats"]:
+        region += f" (more than repeats, to last {minimum:g} s)"
+    out += [
         _row(
             "energy_j_per_sample",
             None if energy.energy_j is None else energy.energy_j / n,
             "J/sample",
-            f"{settings['repeats']} calls of {batch} samples; {energy.method}",
+            f"net: gross minus idle power x time; {region}; {energy.method}",
             energy.reason,
-        )
-    )
+        ),
+        _row(
+            "energy_gross_j_per_sample",
+            None if energy.total_j is None else energy.total_j / n,
+            "J/sample",
+            f"the counter's difference over {region}",
+            None if energy.total_j is not None else energy.reason,
+        ),
+        _row(
+            "idle_power_w",
+            energy.idle_w,
+            "W",
+            "mean power before the region, once settled; subtracted from the gross energy",
+            None if energy.idle_w is not None else energy.reason or "no idle power subtracted (energy_idle_s: 0)",
+        ),
+    ]
 
     flops = count_flops(full, model=loaded.model)
     gflops = flops.total_flops / batch / 1e9
