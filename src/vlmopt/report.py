@@ -58,6 +58,8 @@ TABLE_COLUMNS = (
     "latency_ms_per_sample_p50",
     "energy_j_per_sample",
     "gflops_per_sample",
+    "decode_bandwidth_fraction",
+    "prefill_compute_fraction",
 )
 
 
@@ -69,6 +71,8 @@ TABLE_HEADERS = {
     "latency_ms_per_sample_p50": "latency (ms/sample)",
     "energy_j_per_sample": "energy (J/sample)",
     "gflops_per_sample": "GFLOP/sample",
+    "decode_bandwidth_fraction": "decode bandwidth / peak",
+    "prefill_compute_fraction": "prefill FLOP/s / peak",
 }
 
 

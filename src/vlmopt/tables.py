@@ -99,6 +99,8 @@ SUMMARY_MEASURES = (
     "peak_mem_mb",
     "energy_j_per_sample",
     "gflops_per_sample",
+    "decode_bandwidth_fraction",
+    "prefill_compute_fraction",
 )
 
 

@@ -13,7 +13,12 @@ Generative tasks (captioning, vqa, real_vs_generated) generate exactly ``max_new
 - ``prefill_ms_p50``: the same with one new token (the image encoder and the prompt's forward);
 - ``decode_ms_per_token_p50``: (end to end - prefill) / (max_new_tokens - 1), medians;
 - ``vision_ms_p50``: the vision part's transformer layers alone (forward hooks on its first and
-  last layer, during the prefill), for families whose parts name a vision encoder.
+  last layer, during the prefill), for families whose parts name a vision encoder;
+- roofline (:mod:`vlmopt.profiling.roofline`): ``decode_weight_bytes_per_step`` (the weights a
+  decode step reads), ``decode_bandwidth_gb_s`` (those bytes over ``decode_ms_per_token_p50``) and
+  its ``decode_bandwidth_fraction`` of the device's peak; ``prefill_tflops`` and its
+  ``prefill_compute_fraction`` of peak compute; the peaks are a known GPU's vendor figures, else
+  measured, and the method says which.
 
 ``first_call_ms`` is the call before the warm-up (compilation and first-touch costs), and the
 inputs are described by ``input_image_px_per_sample`` (the images as handed to the processor),
@@ -55,6 +60,7 @@ from vlmopt.profiling.energy import EnergyMeter
 from vlmopt.profiling.flops import count_flops
 from vlmopt.profiling.latency import VisionTimer, measure_latency
 from vlmopt.profiling.memory import PeakMemory
+from vlmopt.profiling.roofline import decode_weight_bytes, device_peaks
 from vlmopt.profiling.sweep import lengthen_prompts, resize_longest
 from vlmopt.streaming import image_batches
 from vlmopt.tasks import get_task
@@ -412,6 +418,8 @@ def _profile(
                     flops.note,
                 )
             )
+    if new_tokens:
+        out += _roofline_rows(loaded, generate, new_tokens, batch, device, decode, prefill_ms, out)
     if note:
         for r in out:
             if r["measure"].startswith(
@@ -426,6 +434,56 @@ def _profile(
     df["simulated"] = simulated
     df["kernel"] = kernel_name
     return df
+
+
+def _roofline_rows(
+    loaded: LoadedModel,
+    generate: Callable[[int], Callable[[], Any]],
+    new_tokens: int,
+    batch: int,
+    device: torch.device,
+    decode_ms: float | None,
+    prefill_ms: float,
+    rows: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Weight bytes per decode step, achieved bandwidth and prefill FLOP/s against the device's peaks."""
+    dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
+    peaks = device_peaks(device, dtype)
+    read = decode_weight_bytes(loaded.model, lambda n: generate(n)(), new_tokens)
+    missing = "max_new_tokens is 1: no decoding step after the prefill"
+    if read is not None and (decode_ms is None or decode_ms <= 0):
+        missing = "the measured decode time per token is not positive (end to end within the prefill's noise)"
+        read_ok = False
+    else:
+        read_ok = read is not None
+    bandwidth = read / (decode_ms / 1000.0) / 1e9 if read_ok else None
+    flops = next((r["value"] for r in rows if r["measure"] == "gflops_prefill_per_sample"), None)
+    achieved = None if flops is None else flops * batch / (prefill_ms / 1000.0) / 1e3
+    hooks = "tensors of the modules a decode step calls (forward hooks; embeddings: the rows looked up)"
+    return [
+        _row("decode_weight_bytes_per_step", read, "bytes", hooks, None if read is not None else missing),
+        _row(
+            "decode_bandwidth_gb_s",
+            bandwidth,
+            "GB/s",
+            "decode_weight_bytes_per_step / decode_ms_per_token_p50",
+            None if bandwidth is not None else missing,
+        ),
+        _row(
+            "decode_bandwidth_fraction",
+            None if bandwidth is None else bandwidth / peaks.bandwidth_gb_s,
+            "fraction",
+            f"decode_bandwidth_gb_s / peak {peaks.bandwidth_gb_s:.0f} GB/s ({peaks.source})",
+            None if bandwidth is not None else missing,
+        ),
+        _row("prefill_tflops", achieved, "TFLOP/s", "gflops_prefill_per_sample x batch / prefill_ms_p50"),
+        _row(
+            "prefill_compute_fraction",
+            None if achieved is None else achieved / peaks.tflops,
+            "fraction",
+            f"prefill_tflops / peak {peaks.tflops:.3g} TFLOP/s ({peaks.source})",
+        ),
+    ]
 
 
 def size_rows(manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
