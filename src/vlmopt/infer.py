@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ if TYPE_CHECKING:  # annotations only
 
 __all__ = [
     "CHUNK_ROWS",
+    "CACHE_ENV",
     "GENERATION_EXTRAS",
     "INFERENCE_DEFAULTS",
+    "cache_kwargs",
     "chunk_inputs",
     "generate_kwargs",
     "generation_settings",
@@ -91,6 +94,35 @@ def generation_settings(*, max_new_tokens: int, num_beams: int, **extra: Any) ->
 
 #: generate() settings a study may set besides max_new_tokens and num_beams.
 GENERATION_EXTRAS = ("length_penalty", "min_new_tokens", "repetition_penalty")
+
+
+#: Environment variable choosing the KV cache of generation: auto, dynamic or static.
+CACHE_ENV = "VLMOPT_CACHE"
+CACHES = ("auto", "dynamic", "static")
+
+
+def cache_kwargs(loaded: LoadedModel, setting: str | None = None) -> dict[str, Any]:
+    """generate() keyword arguments for the KV cache that ``setting`` (else ``$VLMOPT_CACHE``, else
+    ``auto``) chooses for ``loaded`` on its device: ``dynamic`` (transformers' default) or ``static``
+    (``cache_implementation="static"``: the cache preallocated to its full length, fixed shapes for
+    each decode step). ``auto`` is static on a GPU and dynamic on the CPU (see the README's
+    measurements). A family whose ``generate`` does not work with it (:attr:`FamilyAdapter.static_cache`)
+    keeps the dynamic cache. Both give the same predictions (tests on every generative family), so
+    the choice reruns nothing and is not recorded with them.
+    """
+    text = (setting or os.environ.get(CACHE_ENV) or "auto").strip().lower()
+    if text not in CACHES:
+        raise ValueError(f"generation cache {text!r} is not one of {', '.join(CACHES)} ({CACHE_ENV} or the setting)")
+    if text == "dynamic" or not loaded.adapter.static_cache:
+        return {}
+    if text == "auto" and model_device(loaded.model).type != "cuda":
+        return {}
+    return {"cache_implementation": "static"}
+
+
+def cache_name(kwargs: dict[str, Any]) -> str:
+    """``static`` or ``dynamic``, for logs and methods."""
+    return "static" if kwargs.get("cache_implementation") == "static" else "dynamic"
 
 
 def generate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
@@ -372,6 +404,8 @@ def _generated_chunks(
     bar: Any,
 ) -> Iterator[int]:
     """Generate the ``todo`` chunks' predictions into ``results``; yields each chunk once it is done."""
+    cache = cache_kwargs(loaded)
+    log.info("generation with the %s KV cache", cache_name(cache))
     units = [unit for k in todo for unit in plan[k]]
     stream = image_groups(table, dataset_root, [unit.rows for unit in units], **loader)
     for chunk, batch, images in _rebatched(units, stream, batch_size, on_error):
@@ -380,7 +414,7 @@ def _generated_chunks(
             continue
         encoded = loaded.adapter.encode(loaded, images, [prompts[i] for i in batch])
         encoded.inputs = to_model_device(encoded.inputs, loaded.model)
-        texts = loaded.adapter.generate(loaded, encoded, **generate_kwargs)
+        texts = loaded.adapter.generate(loaded, encoded, **generate_kwargs, **cache)
         for i, text in zip(batch, texts, strict=True):
             results["prediction"][i] = text.strip()
         bar.update(len(batch))

@@ -261,9 +261,10 @@ def test_a_read_counter_gets_at_least_energy_min_s_of_work_and_three_energy_rows
     rows = df.set_index("measure")
     calls = int(rows.loc["energy_j_per_sample", "method"].split("; ")[1].split(" calls")[0])
     seconds = float(rows.loc["energy_j_per_sample", "method"].split(" over ")[1].split(" s")[0])
-    # One call of the tiny model takes well under a second: more calls than repeats, a second of work.
+    # A second of work at least: one call of the tiny model takes well under it, so more calls than
+    # repeats (unless the machine is so loaded that the first call alone lasts a second).
     method = rows.loc["energy_j_per_sample", "method"]
-    assert calls > 1 and seconds >= 1.0 and "more than repeats, to last 1 s" in method
+    assert seconds >= 1.0 and (calls > 1) == ("more than repeats, to last 1 s" in method)
     # Net = gross - idle x time, per sample (batch 1).
     assert rows.loc["energy_gross_j_per_sample", "value"] == pytest.approx(4.0 * seconds / calls, rel=0.01)
     assert rows.loc["energy_j_per_sample", "value"] == pytest.approx(3.0 * seconds / calls, rel=0.01)

@@ -38,6 +38,9 @@ class FamilyAdapter:
     #: the image's patch grid, or the prompt is drawn into the image), so training cannot
     #: preprocess images once, apart from their text, and reuse the tensors.
     encodes_image_with_text: bool = False
+    #: Whether ``generate`` works with transformers' static KV cache (``cache_implementation="static"``),
+    #: with the same predictions as the default dynamic cache (:func:`vlmopt.infer.cache_kwargs`).
+    static_cache: bool = True
 
     #: The transformers model class of the family's checkpoints (what :meth:`from_pretrained` loads).
     model_class: type[nn.Module] | None = None

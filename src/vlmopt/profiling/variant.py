@@ -54,6 +54,7 @@ import torch
 from vlmopt.compress.kernels import NONE as NO_KERNEL
 from vlmopt.compress.kernels import KernelUse
 from vlmopt.device import model_device, to_model_device
+from vlmopt.infer import cache_kwargs, cache_name
 from vlmopt.models.base import LoadedModel
 from vlmopt.models.encoding import text_ids
 from vlmopt.profiling.energy import EnergyMeter
@@ -300,11 +301,15 @@ def _profile(
         kwargs = {k: v for k, v in generation.items() if k not in ("max_new_tokens", "min_new_tokens")}
         kwargs["do_sample"] = False
 
+        cache = cache_kwargs(loaded)
+
         def generate(n: int) -> Callable[[], Any]:
-            return lambda: loaded.adapter.generate(loaded, encoded, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            return lambda: loaded.adapter.generate(
+                loaded, encoded, max_new_tokens=n, min_new_tokens=n, **kwargs, **cache
+            )
 
         full = generate(new_tokens)
-        what = f"generate exactly {new_tokens} new tokens for one batch"
+        what = f"generate exactly {new_tokens} new tokens for one batch, {cache_name(cache)} KV cache"
 
     first = measure_latency(full, warmup=0, repeats=1, device=device)
     out.append(
