@@ -163,9 +163,12 @@ def test_slurm_run_equals_local_run(slurm_conf, tmp_path):
             shutil.copytree(local_dir / path, slurm_dir / path)  # keeps modification times
     # Both runs at once: the SLURM run mostly waits for its status checks, and the local one, on one
     # core at the lowest priority, takes the CPU time that the SLURM jobs leave.
+    # The test cluster's node advertises GPUs (gres) that do not exist: jobs given one with this
+    # CPU-only torch would stop at start (vlmopt.device.require_usable_gpu), unless told to run on
+    # the CPU on purpose.
     slurm = _start(
         slurm_dir, "--profile", str(REPO / "profiles" / "slurm"), "--profile", str(OVERLAY),
-        env={"SLURM_CONF": str(slurm_conf)},
+        env={"SLURM_CONF": str(slurm_conf), "VLMOPT_DEVICE": "cpu"},
     )  # fmt: skip
     local = _start(local_dir, "--cores", "1", nice=True)
     try:
