@@ -19,13 +19,8 @@ def _images(n: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_static_cache_predictions_equal_the_default(family, monkeypatch):
-    loaded = load_model(f"tiny:{family}")
-    task = "captioning" if "captioning" in loaded.adapter.tasks else loaded.adapter.tasks[0]
-    encoded = loaded.adapter.encode(loaded, _images(3), [loaded.adapter.prompt(task)] * 3)
-    static = cache_kwargs(loaded, "static")
-    assert static == ({"cache_implementation": "static"} if loaded.adapter.static_cache else {})
+def _record_caches(loaded, monkeypatch) -> list:
+    """The cache_implementation of each model.generate call, in order."""
     seen = []
     original = loaded.model.generate
 
@@ -34,6 +29,17 @@ def test_static_cache_predictions_equal_the_default(family, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "generate", spy)
+    return seen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_cache_predictions_equal_the_default(family, monkeypatch):
+    loaded = load_model(f"tiny:{family}")
+    task = "captioning" if "captioning" in loaded.adapter.tasks else loaded.adapter.tasks[0]
+    encoded = loaded.adapter.encode(loaded, _images(3), [loaded.adapter.prompt(task)] * 3)
+    static = cache_kwargs(loaded, "static")
+    assert static == ({"cache_implementation": "static"} if loaded.adapter.static_cache else {})
+    seen = _record_caches(loaded, monkeypatch)
     default = loaded.adapter.generate(loaded, encoded, **GREEDY)
     assert loaded.adapter.generate(loaded, encoded, **GREEDY, **static) == default
     assert seen == [None, static.get("cache_implementation")]
@@ -63,14 +69,7 @@ def test_auto_is_dynamic_on_the_cpu_and_the_setting_is_checked(monkeypatch):
 def test_inference_uses_the_cache_asked_for_with_the_same_predictions(shapes_test, shapes_root, monkeypatch):
     loaded = load_model("tiny:blip2-opt")
     gen = {"max_new_tokens": 5, "num_beams": 1, "do_sample": False}
-    seen = []
-    original = loaded.model.generate
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("cache_implementation"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loaded.model, "generate", spy)
+    seen = _record_caches(loaded, monkeypatch)
     monkeypatch.setenv("VLMOPT_CACHE", "dynamic")
     dynamic = predict(loaded, shapes_test, shapes_root, "captioning", batch_size=8, generate_kwargs=gen, progress=False)
     monkeypatch.setenv("VLMOPT_CACHE", "static")
