@@ -97,12 +97,8 @@ def resolve_device(setting: str | torch.device | None = None) -> torch.device:
         return setting
     text = (setting if setting is not None else os.environ.get(ENV) or "auto").strip().lower()
     if text == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        given = gpus_given()
-        if given is not None:
-            raise RuntimeError(_cuda_missing_message(given))
-        return torch.device("cpu")
+        require_usable_gpu()
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(text)
     except RuntimeError as exc:

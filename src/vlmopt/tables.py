@@ -324,16 +324,14 @@ def summarise(
         cost = cost.reindex(columns=[m for m in SUMMARY_MEASURES if m in set(chosen["measure"])]).reset_index()
         cost.columns.name = None
         wide = wide.merge(cost, on=keys, how="left")
-        if "kernel" in efficiency.columns:
-            kernels = efficiency.groupby(keys)["kernel"].first().reset_index()
-            wide = wide.merge(kernels, on=keys, how="left")
-            if "simulated" in efficiency.columns and "simulated" in wide.columns:
+        if {"kernel", "simulated"} <= set(efficiency.columns):
+            profiled = efficiency.groupby(keys)[["kernel", "simulated"]].first()
+            wide = wide.merge(profiled.rename(columns={"simulated": "_profiled"}).reset_index(), on=keys, how="left")
+            if "simulated" in wide.columns:
                 # The cost columns are real where the profile ran every packed Linear on a kernel.
-                measured = efficiency.groupby(keys)["simulated"].first().rename("_cost_simulated").reset_index()
-                wide = wide.merge(measured, on=keys, how="left")
-                ran = wide["_cost_simulated"].astype("boolean").eq(False).fillna(False).astype(bool)
+                ran = wide["_profiled"].astype("boolean").eq(False).fillna(False).astype(bool)
                 wide.loc[ran, "simulated"] = False
-                wide = wide.drop(columns="_cost_simulated")
+            wide = wide.drop(columns="_profiled")
     return wide.sort_values(list(KEYS)).reset_index(drop=True)
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from vlmopt.compress.packed import FORMAT, unpack_int32
+from vlmopt.compress.sharing import weight_files
 
 __all__ = ["TOLERANCE", "Int4Linear", "Int8Linear", "KernelUse", "kernel_for", "use_kernels"]
 
@@ -114,7 +115,28 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class Int4Linear(nn.Module):
+class _KernelLinear(nn.Module):
+    """A Linear whose product is a low-bit kernel's (:meth:`_product` on a 2-D input of the kernel's dtype)."""
+
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        out = self._product(flat)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int4Linear(_KernelLinear):
     """A Linear whose 4-bit grouped weight is multiplied by torch's int4 kernel (CUDA or CPU)."""
 
     def __init__(
@@ -130,7 +152,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         out_features, in_features = levels.shape
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        dtype = scale.dtype
+        self.dtype = dtype = scale.dtype
         self.cuda_kernel = levels.device.type == "cuda"
         if self.cuda_kernel:
             if out_features % 8:
@@ -149,44 +171,28 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), minimum.t()], dim=-1).contiguous().to(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype).contiguous()
-        if self.cuda_kernel:
-            out = torch.ops.aten._weight_int4pack_mm(flat, self.weight_packed, self.group_size, self.scales_and_zeros)
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat, self.weight_packed, self.group_size, self.scales_and_zeros
-            )
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        mm = torch.ops.aten._weight_int4pack_mm if self.cuda_kernel else torch.ops.aten._weight_int4pack_mm_for_cpu
+        return mm(flat, self.weight_packed, self.group_size, self.scales_and_zeros)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_KernelLinear):
     """A Linear whose 8-bit per-channel weight is multiplied by torch's int8 weight-only kernel."""
 
     def __init__(self, levels: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         """``levels``: signed ints (out, in) in [-128, 128); ``scale``: (out,), weight = levels * scale."""
         super().__init__()
         self.out_features, self.in_features = levels.shape
+        self.dtype = scale.dtype
         self.register_buffer("weight_int8", levels.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.reshape(-1).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(self.scale.dtype).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+    def _product(self, flat: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
 
 
 def _tensors(folder: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -194,7 +200,7 @@ def _tensors(folder: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     wanted, found = set(names), {}
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in weight_files(folder, "cannot run its packed Linears on a kernel"):
         with safe_open(path, framework="pt") as f:
             for key in wanted & set(f.keys()):
                 found[key] = f.get_tensor(key)

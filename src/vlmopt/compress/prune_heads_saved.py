@@ -24,6 +24,7 @@ from torch import nn
 from vlmopt.compress.attention_layouts import _LAYOUT_BY_NAME, METHOD, AttentionLayout, _set_heads, layout_of
 from vlmopt.compress.prune_heads import _empty_linear
 from vlmopt.compress.prune_layers import final_name
+from vlmopt.compress.sharing import weight_files
 from vlmopt.compress.svd import saved_key_names, svd_modules
 
 __all__ = ["head_pruned_modules", "load_head_pruned", "restore_pruned_heads"]
@@ -63,22 +64,13 @@ def head_pruned_modules(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     return list(records.values())
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    raise FileNotFoundError(f"{folder} holds no model.safetensors (or index): cannot restore the pruned heads")
-
-
 def _read_saved(folder: Path, keys: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
     """The saved tensors named ``keys``, and the shape of every saved tensor."""
     from safetensors import safe_open
 
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for file in _safetensors_files(folder):
+    for file in weight_files(folder, "cannot restore the pruned heads"):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 shapes[key] = tuple(handle.get_slice(key).get_shape())

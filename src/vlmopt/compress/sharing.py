@@ -28,7 +28,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INDEX", "group_of", "share_weights"]
+from vlmopt.data.download import file_digest
+
+__all__ = ["INDEX", "group_of", "share_weights", "weight_files"]
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +56,15 @@ def _file_name(group: str) -> str:
     return f"{_PREFIX}{safe}.safetensors"
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path, purpose: str) -> list[Path]:
+    """The safetensors files of a saved model: those its index names, else ``model.safetensors``;
+    a FileNotFoundError naming ``purpose`` (what cannot be done) where there are none."""
     index = folder / INDEX
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    return sorted(folder.glob("*.safetensors"))
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+        return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"{folder} holds no model.safetensors (or index): {purpose}")
 
 
 def _place(temporary: Path, target: Path, kept: Path) -> bool:
@@ -100,9 +97,7 @@ def share_weights(folder: str | Path, store: str | Path) -> dict[str, Any]:
 
     folder, store = Path(folder), Path(store)
     store.mkdir(parents=True, exist_ok=True)
-    sources = _weight_files(folder)
-    if not sources:
-        raise FileNotFoundError(f"{folder} holds no safetensors weights to share")
+    sources = weight_files(folder, "no weights to share")
     located: dict[str, Path] = {}
     metadata: dict[str, str] = {}
     for path in sources:
@@ -116,16 +111,16 @@ def share_weights(folder: str | Path, store: str | Path) -> dict[str, Any]:
     written: list[Path] = []
     for group, keys in groups.items():
         tensors = {}
-        for key in keys:
-            with safe_open(located[key], framework="pt") as f:
-                tensors[key] = f.get_tensor(key)
+        for path in dict.fromkeys(located[key] for key in keys):
+            with safe_open(path, framework="pt") as f:
+                tensors.update({key: f.get_tensor(key) for key in keys if located[key] == path})
         name = _file_name(group)
         target = folder / name
         temporary = folder / f".{name}.tmp"
         save_file(tensors, temporary, metadata={"format": metadata.get("format", "pt")})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
-        digest = _digest(temporary)
+        digest = file_digest(temporary)
         if not cross_device:
             try:
                 if _place(temporary, target, store / f"{digest}.safetensors"):

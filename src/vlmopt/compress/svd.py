@@ -29,7 +29,6 @@ of one matrix by another of lower rank", Psychometrika 1936.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -246,16 +245,11 @@ def _read_tensors(folder: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Te
     """Tensors of the folder's safetensors whose names start with one of ``prefixes``."""
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder} holds no model.safetensors (or index): cannot restore the SVD factors")
+    from vlmopt.compress.sharing import weight_files
+
     tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(folder / file), framework="pt") as handle:
+    for file in weight_files(folder, "cannot restore the SVD factors"):
+        with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if key.startswith(prefixes):
                     tensors[key] = handle.get_tensor(key)

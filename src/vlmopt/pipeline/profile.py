@@ -29,13 +29,13 @@ def profile_variant(
 ) -> pd.DataFrame:
     """Efficiency rows of one variant on each of its tasks (:mod:`vlmopt.profiling.variant`), as Parquet.
 
-        ``tasks`` maps a task to ``table`` (its split table), ``root`` (the folder its image paths are
-        relative to), ``dataset`` (its name) and ``generation`` (max_new_tokens, num_beams ...).
-        ``keys`` are model, ft and variant; ``chain`` the settings hashed into ``config_hash`` with
-        ``settings``. Runs on ``device`` (the GPU where there is one; the CPU for dynamic int8 variants);
+    ``tasks`` maps a task to ``table`` (its split table), ``root`` (the folder its image paths are
+    relative to), ``dataset`` (its name) and ``generation`` (max_new_tokens, num_beams ...).
+    ``keys`` are model, ft and variant; ``chain`` the settings hashed into ``config_hash`` with
+    ``settings``. Runs on ``device`` (the GPU where there is one; the CPU for dynamic int8 variants);
     a packed variant's Linears run on a low-bit kernel where one takes them (``kernels`` setting).
-        ``point`` (``{axis, value}``) measures one sweep point instead (:mod:`vlmopt.profiling.sweep`):
-        the rows carry ``sweep_axis`` and ``sweep_value`` and no size rows.
+    ``point`` (``{axis, value}``) measures one sweep point instead (:mod:`vlmopt.profiling.sweep`):
+    the rows carry ``sweep_axis`` and ``sweep_value`` and no size rows.
     """
     from vlmopt.compress.kernels import use_kernels
     from vlmopt.compress.saved import load_variant, read_manifest

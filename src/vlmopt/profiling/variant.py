@@ -455,13 +455,13 @@ def _roofline_rows(
     dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), torch.float32)
     peaks = device_peaks(device, dtype)
     read = decode_weight_bytes(loaded.model, lambda n: generate(n)(), new_tokens)
-    missing = "max_new_tokens is 1: no decoding step after the prefill"
-    if read is not None and (decode_ms is None or decode_ms <= 0):
-        missing = "the measured decode time per token is not positive (end to end within the prefill's noise)"
-        read_ok = False
-    else:
-        read_ok = read is not None
-    bandwidth = read / (decode_ms / 1000.0) / 1e9 if read_ok else None
+    timed = decode_ms is not None and decode_ms > 0
+    bandwidth = read / (decode_ms / 1000.0) / 1e9 if read is not None and timed else None
+    missing = (
+        "max_new_tokens is 1: no decoding step after the prefill"
+        if read is None
+        else "the measured decode time per token is not positive (end to end within the prefill's noise)"
+    )
     flops = next((r["value"] for r in rows if r["measure"] == "gflops_prefill_per_sample"), None)
     achieved = None if flops is None else flops * batch / (prefill_ms / 1000.0) / 1e3
     hooks = "tensors of the modules a decode step calls (forward hooks; embeddings: the rows looked up)"
